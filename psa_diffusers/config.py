@@ -1,0 +1,115 @@
+"""PSAConfig: one frozen, validated description of a pyramid-sparse-attention budget."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+BLOCK_Q_SIZES = (64, 128)
+BLOCK_KV_SIZES = (32, 64, 128)
+MODES = ("quota", "mass")
+TOKEN_ORDERS = ("gilbert", "none")
+LEVELS = (1, 2, 4, 8)
+"""Pooling factors of the pyramid, finest first. Level 0 (skip) is not listed."""
+
+
+def _check_tuple(name: str, value: Any, length: int) -> tuple[float, ...]:
+    try:
+        items = tuple(float(x) for x in value)
+    except TypeError:
+        raise ValueError(f"PSAConfig.{name}={value!r}: expected a sequence of {length} numbers") from None
+    if len(items) != length:
+        raise ValueError(f"PSAConfig.{name}={value!r}: expected {length} numbers, got {len(items)}")
+    if not all(math.isfinite(x) for x in items):
+        raise ValueError(f"PSAConfig.{name}={value!r}: every value must be finite")
+    return items
+
+
+@dataclass(frozen=True)
+class PSAConfig:
+    """How one attention call chooses its level map.
+
+    block_q:  query block size, 64 or 128.
+    block_kv: key/value block size, 32, 64 or 128.
+    mode:     "quota" -- ``budgets`` are the shares of each row's blocks kept at
+              levels 1, 2, 4, 8 (rest skipped); "mass" -- ``budgets`` are the
+              cumulative importance-mass thresholds for levels 1, 2, 4, 8.
+    budgets:  four numbers for the pooling factors 1, 2, 4, 8 (see ``mode``).
+    min_full_share: the least share of each row's blocks kept at level 1.
+    sim_thresholds: optional cosine-similarity thresholds (tau_2, tau_4, tau_8)
+              of the similarity cap; None disables the cap.
+    token_order: "gilbert" reorders video tokens along a 3D Gilbert curve;
+              "none" keeps raster order.
+    importance_stride: the importance estimate samples every n-th query and
+              key of each block (deterministic; see ``importance.py``).
+    """
+
+    block_q: int = 128
+    block_kv: int = 128
+    mode: str = "quota"
+    budgets: tuple[float, float, float, float] = (0.10, 0.05, 0.0, 0.20)
+    min_full_share: float = 0.06
+    sim_thresholds: tuple[float, float, float] | None = None
+    token_order: str = "none"
+    importance_stride: int = 8
+
+    def __post_init__(self) -> None:
+        if self.block_q not in BLOCK_Q_SIZES:
+            raise ValueError(f"PSAConfig.block_q={self.block_q!r}: allowed values are {BLOCK_Q_SIZES}")
+        if self.block_kv not in BLOCK_KV_SIZES:
+            raise ValueError(f"PSAConfig.block_kv={self.block_kv!r}: allowed values are {BLOCK_KV_SIZES}")
+        if self.mode not in MODES:
+            raise ValueError(f"PSAConfig.mode={self.mode!r}: allowed values are {MODES}")
+        if self.token_order not in TOKEN_ORDERS:
+            raise ValueError(f"PSAConfig.token_order={self.token_order!r}: allowed values are {TOKEN_ORDERS}")
+        budgets = _check_tuple("budgets", self.budgets, 4)
+        if any(b < 0 for b in budgets):
+            raise ValueError(f"PSAConfig.budgets={budgets}: values must be >= 0")
+        if self.mode == "quota":
+            if sum(budgets) > 1.0 + 1e-9:
+                raise ValueError(
+                    f"PSAConfig.budgets={budgets}: quota shares sum to {sum(budgets):.4g}, must be at most 1"
+                )
+        else:
+            if any(b > 1 for b in budgets):
+                raise ValueError(f"PSAConfig.budgets={budgets}: mass thresholds must lie in [0, 1]")
+            if any(b2 < b1 for b1, b2 in zip(budgets, budgets[1:])):
+                raise ValueError(f"PSAConfig.budgets={budgets}: mass thresholds must not decrease")
+        object.__setattr__(self, "budgets", budgets)
+        if not (isinstance(self.min_full_share, (int, float)) and 0.0 <= self.min_full_share <= 1.0):
+            raise ValueError(f"PSAConfig.min_full_share={self.min_full_share!r}: must be a number in [0, 1]")
+        object.__setattr__(self, "min_full_share", float(self.min_full_share))
+        if self.sim_thresholds is not None:
+            sims = _check_tuple("sim_thresholds", self.sim_thresholds, 3)
+            if any(not -1.0 <= s <= 1.0 for s in sims):
+                raise ValueError(f"PSAConfig.sim_thresholds={sims}: cosine thresholds must lie in [-1, 1]")
+            object.__setattr__(self, "sim_thresholds", sims)
+        if not isinstance(self.importance_stride, int) or self.importance_stride < 1:
+            raise ValueError(f"PSAConfig.importance_stride={self.importance_stride!r}: must be an integer >= 1")
+        if self.block_q % self.importance_stride or self.block_kv % self.importance_stride:
+            raise ValueError(
+                f"PSAConfig.importance_stride={self.importance_stride}: must divide block_q={self.block_q} "
+                f"and block_kv={self.block_kv}"
+            )
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "PSAConfig":
+        """Build from a plain mapping (JSON/YAML); unknown keys raise ValueError naming them."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"PSAConfig: unknown field(s) {unknown}; known fields are {sorted(known)}")
+        kwargs = dict(data)
+        for name in ("budgets", "sim_thresholds"):
+            if isinstance(kwargs.get(name), list):
+                kwargs[name] = tuple(kwargs[name])
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "PSAConfig":
+        """A copy with some fields changed, validated again."""
+        return dataclasses.replace(self, **changes)
