@@ -161,10 +161,11 @@ class PyramidBlockMask:
 
     def __repr__(self) -> str:
         b, h, nq, nk = self.shape
-        nonzero = self.kv_counts.sum(-1).double().mean().item()
-        per_level = self.kv_counts.double().mean(dim=(0, 1, 2)).tolist()
-        levels = ", ".join(f"{s}x:{c:.1f}" for s, c in zip(LEVELS, per_level))
+        per_level = self.kv_counts.double().mean(dim=(0, 1, 2))
+        weights = torch.tensor([1 / s for s in LEVELS], dtype=torch.float64, device=per_level.device)
+        density = float((per_level * weights).sum()) / nk  # as if every block were full
+        levels = ", ".join(f"{s}x:{c:.1f}" for s, c in zip(LEVELS, per_level.tolist()))
         return (
             f"PyramidBlockMask(B={b}, H={h}, blocks={nq}x{nk} of {self.block_q}x{self.block_kv}, "
-            f"mean blocks/row={nonzero:.1f} [{levels}])"
+            f"mean blocks/row [{levels}], density~{density:.3f})"
         )

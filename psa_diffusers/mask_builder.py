@@ -1,0 +1,121 @@
+"""build_block_mask: importance -> levels -> similarity cap -> forced text levels.
+
+All steps run on the inputs' device with sort/cumsum over ``[B, H, Nq, Nk]``
+(no host synchronisation), so the result is bit-identical for the same inputs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from .config import LEVELS, PSAConfig
+from .importance import block_smoothness, estimate_block_importance
+from .mask import PyramidBlockMask
+
+logger = logging.getLogger(__name__)
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def estimate_importance(q: torch.Tensor, k: torch.Tensor, config: PSAConfig, scale: float | None) -> torch.Tensor:
+    """Sampled block mass ``[B, H, Nq, Nk]``: the Triton kernel where it can run, else the PyTorch reference."""
+    kwargs = dict(block_q=config.block_q, block_kv=config.block_kv, stride=config.importance_stride, scale=scale)
+    if q.is_cuda:
+        from .kernels import estimate_block_importance_triton, triton_unsupported_reason
+
+        reason = triton_unsupported_reason(q, k, k)
+        if reason is None:
+            return estimate_block_importance_triton(q, k, **kwargs)
+        logger.debug("importance estimate on the PyTorch reference: %s", reason)
+    return estimate_block_importance(q, k, **kwargs)
+
+
+def _quota_bounds(config: PSAConfig, n: int) -> list[int]:
+    """Cumulative rank bounds of levels 1, 2, 4, 8 for a row of ``n`` blocks (quota mode)."""
+    shares = config.budgets
+    n_full = max(round(shares[0] * n), math.ceil(config.min_full_share * n), 1)
+    bounds, total = [], 0
+    for i, share in enumerate(shares):
+        total += n_full if i == 0 else round(share * n)
+        bounds.append(min(total, n))
+    return bounds
+
+
+def levels_from_importance(importance: torch.Tensor, config: PSAConfig, *, num_blocks: int | None = None) -> torch.Tensor:
+    """Level map ``[B, H, Nq, Nk]`` int64 from importance ``[B, H, Nq, Nk]`` (DESIGN section 2, steps 1-2).
+
+    Only the first ``num_blocks`` columns (default: all) compete; the others get level 0
+    here (the caller forces them). Every row's best block is level 1.
+    """
+    nk_all = importance.shape[-1]
+    n = nk_all if num_blocks is None else num_blocks
+    s = importance[..., :n].float()
+    vals, order = torch.sort(s, dim=-1, descending=True, stable=True)
+    rank = torch.arange(n, device=s.device)
+    n_min_full = max(1, math.ceil(config.min_full_share * n))
+    if config.mode == "quota":
+        bounds = torch.tensor(_quota_bounds(config, n), device=s.device)
+        group = (rank.unsqueeze(-1) >= bounds).sum(-1)  # [n]: 0..4
+        group = group.expand_as(vals)
+    else:
+        mass = vals / vals.sum(-1, keepdim=True).clamp(min=1e-30)
+        before = torch.cumsum(mass, dim=-1) - mass  # mass of the predecessors
+        thresholds = torch.tensor(config.budgets, device=s.device, dtype=mass.dtype)
+        group = (before.unsqueeze(-1) >= thresholds).sum(-1)
+        group = torch.where(rank < n_min_full, torch.zeros_like(group), group)
+    level_of_group = torch.tensor(LEVELS + (0,), device=s.device, dtype=torch.int64)
+    sorted_levels = level_of_group[group]
+    sorted_levels[..., 0] = 1
+    out = torch.zeros(importance.shape, dtype=torch.int64, device=s.device)
+    out[..., :n].scatter_(-1, order, sorted_levels)
+    return out
+
+
+def similarity_caps(k: torch.Tensor, config: PSAConfig) -> torch.Tensor:
+    """Largest allowed pooling factor per KV block ``[B, H, Nk]`` int64 (1 where none is allowed)."""
+    smooth = block_smoothness(k, block_kv=config.block_kv)  # [B, H, Nk, 3] for factors 2, 4, 8
+    tau = torch.tensor(config.sim_thresholds, device=k.device, dtype=smooth.dtype)
+    allowed = smooth >= tau
+    factors = torch.tensor((2, 4, 8), device=k.device, dtype=torch.int64)
+    return torch.where(allowed, factors, torch.ones_like(factors)).amax(-1)
+
+
+def build_block_mask(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    config: PSAConfig,
+    *,
+    text_len: int = 0,
+    scale: float | None = None,
+    importance: torch.Tensor | None = None,
+) -> PyramidBlockMask:
+    """Choose every block's level for ``q`` ``[B, H, Lq, D]`` against ``k`` ``[B, H, Lkv, D]``.
+
+    Text tokens are the last ``text_len`` tokens of both sequences: every query sees
+    the text KV blocks at level 1 and text query blocks see everything at level 1.
+    ``importance`` ``[B, H, Nq, Nk]`` may be passed to skip the estimate.
+    """
+    lq, lkv = q.shape[2], k.shape[2]
+    nq, nk = _ceil_div(lq, config.block_q), _ceil_div(lkv, config.block_kv)
+    if importance is None:
+        importance = estimate_importance(q, k, config, scale)
+    elif importance.shape[-2:] != (nq, nk):
+        raise ValueError(f"importance of shape {tuple(importance.shape)} does not match {nq}x{nk} blocks")
+    # KV blocks holding any text token, and query blocks holding any text token, are forced to level 1.
+    video_kv_blocks = (lkv - text_len) // config.block_kv if text_len else nk
+    video_q_blocks = (lq - text_len) // config.block_q if text_len else nq
+    if video_kv_blocks == 0 or video_q_blocks == 0:
+        level_map = torch.ones(importance.shape, dtype=torch.int64, device=q.device)
+        return PyramidBlockMask._compact(level_map, block_q=config.block_q, block_kv=config.block_kv)
+    level_map = levels_from_importance(importance, config, num_blocks=video_kv_blocks)
+    if config.sim_thresholds is not None:
+        caps = similarity_caps(k, config).unsqueeze(2)  # [B, H, 1, Nk]
+        level_map = torch.where(level_map > 0, torch.minimum(level_map, caps), level_map)
+    level_map[..., video_kv_blocks:] = 1
+    level_map[..., video_q_blocks:, :] = 1
+    return PyramidBlockMask._compact(level_map, block_q=config.block_q, block_kv=config.block_kv)
