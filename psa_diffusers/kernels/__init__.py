@@ -1,0 +1,27 @@
+"""Triton kernels: pyramid pooling, the sampled importance estimate, sparse pyramid attention.
+
+Each kernel has three layers -- the ``@triton.jit`` kernel, a launcher that owns
+grids, strides and padding, and the typed public function exported here -- and
+a plain PyTorch reference of the same math elsewhere in the package
+(``pooling.pool_pyramid``, ``importance.estimate_block_importance``,
+``reference.psa_attention_reference``).
+
+Importing this package never fails: without triton, or without a GPU, the
+public functions raise ``ValueError`` and :func:`triton_unsupported_reason`
+says why. On CPU the kernels run under Triton's interpreter when
+``TRITON_INTERPRET=1`` was set before this package was first imported.
+"""
+
+from ._triton import HAS_TRITON, INTERPRETED, triton_unsupported_reason
+from .attention import psa_attention_triton
+from .importance import estimate_block_importance_triton
+from .pooling import pool_pyramid_triton
+
+__all__ = [
+    "HAS_TRITON",
+    "INTERPRETED",
+    "estimate_block_importance_triton",
+    "pool_pyramid_triton",
+    "psa_attention_triton",
+    "triton_unsupported_reason",
+]
