@@ -1,0 +1,166 @@
+"""End to end: one denoising step of real-size transformers (random weights), dense against PSA.
+
+    python benchmarks/end_to_end.py                 # every model below (needs a CUDA GPU, bf16)
+    python benchmarks/end_to_end.py --models wan2.1-1.3b-480p --layers 6
+
+Transformers are built from their published configurations with random weights
+(no download). A step is what the pipeline runs per denoising step: Wan runs
+the conditional and unconditional forwards separately (2 x batch 1),
+CogVideoX runs them as one batch of 2. Dense uses the stock processors with
+SDPA on cuDNN; PSA uses ``enable_psa(transformer, config=<preset's sparse budget>)``.
+With ``--layers N`` only N blocks are built and times are scaled to the full
+depth (the per-block cost is uniform; embedding and head costs are counted once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from psa_diffusers.presets import get_preset  # noqa: E402
+
+WAN_1_3B = dict(
+    patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
+    text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024,
+)
+WAN_14B = dict(WAN_1_3B, num_attention_heads=40, ffn_dim=13824, num_layers=40)
+COG_5B = dict(
+    num_attention_heads=48, attention_head_dim=64, in_channels=16, out_channels=16, time_embed_dim=512,
+    text_embed_dim=4096, num_layers=42, sample_width=90, sample_height=60, sample_frames=49, patch_size=2,
+    max_text_seq_length=226, use_rotary_positional_embeddings=True, norm_eps=1e-5, attention_bias=True,
+)
+
+
+@dataclass(frozen=True)
+class Case:
+    family: str
+    config: dict
+    latent: tuple  # Wan [B, C, F, H, W]; CogVideoX [B, F, C, H, W]
+    text_len: int
+    preset: str
+    forwards_per_step: int
+    default_layers: int | None = None
+
+
+CASES = {
+    "wan2.1-1.3b-480p": Case("wan", WAN_1_3B, (1, 16, 21, 60, 104), 512, "wan2.1-1.3b", 2),
+    "wan2.1-1.3b-720p": Case("wan", WAN_1_3B, (1, 16, 21, 90, 160), 512, "wan2.1-1.3b", 2),
+    "cogvideox-5b": Case("cogvideox", COG_5B, (2, 13, 16, 60, 90), 226, "cogvideox-5b", 1),
+    "wan2.1-14b-720p": Case("wan", WAN_14B, (1, 16, 21, 90, 160), 512, "wan2.1-14b", 2, default_layers=8),
+}
+
+
+def build(case: Case, layers: int | None):
+    from diffusers import CogVideoXTransformer3DModel, WanTransformer3DModel
+
+    cfg = dict(case.config)
+    if layers:
+        cfg["num_layers"] = layers
+    cls = WanTransformer3DModel if case.family == "wan" else CogVideoXTransformer3DModel
+    with torch.device("cuda"):
+        model = cls(**cfg).to(torch.bfloat16).eval()
+    return model, case.config["num_layers"] / cfg["num_layers"]
+
+
+def inputs(case: Case):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    kw = dict(device="cuda", dtype=torch.bfloat16, generator=g)
+    b = case.latent[0]
+    text_dim = case.config.get("text_dim", case.config.get("text_embed_dim"))
+    args = dict(
+        hidden_states=torch.randn(case.latent, **kw),
+        encoder_hidden_states=torch.randn(b, case.text_len, text_dim, **kw),
+        timestep=torch.full((b,), 500, device="cuda", dtype=torch.long),
+        return_dict=False,
+    )
+    if case.family == "cogvideox":
+        video_len = case.latent[1] * (case.latent[3] // 2) * (case.latent[4] // 2)
+        d = case.config["attention_head_dim"]
+        args["image_rotary_emb"] = (torch.randn(video_len, d, device="cuda"), torch.randn(video_len, d, device="cuda"))
+    return args
+
+
+def time_step(model, args, forwards: int) -> tuple[float, int]:
+    """Median ms of one denoising step and its peak memory in bytes."""
+    import triton.testing
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def step():
+        with torch.inference_mode(), sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]):
+            for _ in range(forwards):
+                model(**args)
+
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    ms = triton.testing.do_bench(step, warmup=200, rep=1500, return_mode="median")
+    return ms, torch.cuda.max_memory_allocated()
+
+
+def attention_ms(case: Case, layers: int, forwards: int) -> float:
+    """Dense self-attention time of one step: cuDNN SDPA at the step's shape, times layers and forwards."""
+    import triton.testing
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    b = case.latent[0]
+    if case.family == "wan":
+        length = case.latent[2] * (case.latent[3] // 2) * (case.latent[4] // 2)
+    else:
+        length = case.latent[1] * (case.latent[3] // 2) * (case.latent[4] // 2) + case.text_len
+    h, d = case.config["num_attention_heads"], case.config["attention_head_dim"]
+    q, k, v = (torch.randn(b, h, length, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+        ms = triton.testing.do_bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v),
+                                     return_mode="median")
+    return ms * layers * forwards
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="*", default=list(CASES), choices=list(CASES))
+    ap.add_argument("--layers", type=int, default=None, help="build this many blocks and scale to full depth")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("end_to_end: needs a CUDA GPU (bf16 real-size transformers); none found")
+        return 0
+    from psa_diffusers import enable_psa
+
+    print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, random weights")
+    rows = []
+    for name in args.models:
+        case = CASES[name]
+        layers = args.layers or case.default_layers
+        model, depth_scale = build(case, layers)
+        x = inputs(case)
+        built_layers = layers or case.config["num_layers"]
+        dense_ms, dense_mem = time_step(model, x, case.forwards_per_step)
+        preset = get_preset(case.preset)
+        with enable_psa(model, config=preset.config) as handle:
+            psa_ms, psa_mem = time_step(model, x, case.forwards_per_step)
+            density = handle.mean_density()
+        attn = attention_ms(case, built_layers, case.forwards_per_step)
+        n, n_dense = preset.num_steps, preset.dense_steps
+        run = n * dense_ms / (n_dense * dense_ms + (n - n_dense) * psa_ms)
+        rows.append((name, built_layers, depth_scale, dense_ms * depth_scale, psa_ms * depth_scale,
+                     dense_ms / psa_ms, attn / dense_ms, dense_mem, psa_mem, density, run, n, n_dense))
+        del model, x
+        torch.cuda.empty_cache()
+    print(f"{'model':<18} {'layers':>6} {'dense ms':>9} {'PSA ms':>9} {'step x':>7} {'attn %':>7} "
+          f"{'peak GB d/PSA':>14} {'density':>8} {'run x':>6}  schedule")
+    for r in rows:
+        name, built, scale, d_ms, p_ms, speed, share, dm, pm, dens, run, n, nd = r
+        shown = f"{built}" + (f"x{scale:.0f}" if scale != 1 else "")
+        print(f"{name:<18} {shown:>6} {d_ms:9.1f} {p_ms:9.1f} {speed:7.2f} {100 * share:6.1f}% "
+              f"{dm / 2**30:6.1f}/{pm / 2**30:<6.1f} {dens:8.3f} {run:6.2f}  {nd} dense of {n}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
