@@ -1,0 +1,250 @@
+"""enable_psa / disable_psa on tiny random pipelines: stock equality at full budget, exact restore,
+the preset's dense-step schedule through stats(), the step clock (guidance, two experts, bare
+transformer), the token grid, and a real sparse budget."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from diffusers.hooks import HookRegistry
+from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+from psa_diffusers.diffusers import PSAHandle, PSAProcessor, disable_psa, enable_psa
+from psa_diffusers.diffusers.hooks import HOOK_NAME, token_grid
+from psa_diffusers.diffusers.state import DENSE_STEP
+from psa_diffusers.presets import get_preset
+from tests.tiny_models import (  # noqa: F401  (one_thread is a fixture)
+    FAMILY,
+    FULL,
+    KV_BLOCKS,
+    SPARSE,
+    TINY_GRID,
+    build,
+    expected_density,
+    one_thread,
+    rel_err,
+    tiny_cogvideox_transformer,
+    tiny_preset,
+)
+
+STATE_LOGGER = "psa_diffusers.diffusers.state"
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _processors(pipe):
+    return {
+        attr: dict(getattr(pipe, attr).attn_processors)
+        for attr in ("transformer", "transformer_2")
+        if getattr(pipe, attr, None) is not None
+    }
+
+
+def _same_objects(a, b):
+    return a.keys() == b.keys() and all(a[t].keys() == b[t].keys() and all(a[t][k] is b[t][k] for k in a[t]) for t in a)
+
+
+@pytest.mark.parametrize(
+    "kind, fuse, order",
+    [
+        ("cogvideox", False, "none"),
+        ("cogvideox-sincos", False, "none"),
+        ("wan", False, "gilbert"),
+        ("wan-i2v", False, "none"),
+        ("wan", True, "none"),
+    ],
+    ids=["cogvideox-rotary", "cogvideox-sincos", "wan-t2v-gilbert", "wan-i2v", "wan-fused"],
+)
+def test_full_budget_equals_stock(kind, fuse, order):
+    pipe, call = build(kind)
+    if fuse:
+        pipe.transformer.fuse_qkv_projections()
+    stock = call(num_inference_steps=1)
+    with enable_psa(pipe, config=FULL.replace(token_order=order)) as handle:
+        out = call(num_inference_steps=1)
+    assert rel_err(out, stock) < 1e-5
+    stats = handle.stats()
+    assert sorted(stats) == [0]
+    assert all(not s.dense and s.density == pytest.approx(1.0) for layers in stats.values() for s in layers.values())
+
+
+def test_disable_restores_the_same_objects_and_output():
+    pipe, call = build("wan")
+    before = _processors(pipe)
+    stock = call(num_inference_steps=2, guidance_scale=1.0)
+    handle = enable_psa(pipe, config=SPARSE)
+    installed = _processors(pipe)["transformer"]
+    assert {k for k, v in installed.items() if v is not before["transformer"][k]} == {
+        "blocks.0.attn1.processor",
+        "blocks.1.attn1.processor",
+    }  # cross-attention keeps its stock processor
+    assert rel_err(call(num_inference_steps=2, guidance_scale=1.0), stock) > 1e-4
+    disable_psa(pipe)
+    assert not handle.enabled
+    assert _same_objects(_processors(pipe), before)
+    assert HookRegistry.check_if_exists_or_initialize(pipe.transformer).get_hook(HOOK_NAME) is None
+    assert torch.equal(call(num_inference_steps=2, guidance_scale=1.0), stock)
+    handle.disable()  # a second disable is a no-op
+    with pytest.raises(ValueError, match="not enabled"):
+        disable_psa(pipe)
+
+
+def test_context_manager_and_handle_restore():
+    pipe, _ = build("cogvideox")
+    before = _processors(pipe)
+    with enable_psa(pipe, preset=tiny_preset("cogvideox")) as handle:
+        assert isinstance(handle, PSAHandle) and handle.enabled
+        with pytest.raises(ValueError, match="already enabled"):
+            enable_psa(pipe)
+    assert _same_objects(_processors(pipe), before)
+    enable_psa(pipe.transformer, config=FULL).disable()  # a bare transformer too
+    assert _same_objects(_processors(pipe), before)
+
+
+def test_disable_leaves_a_processor_replaced_meanwhile(caplog):
+    pipe, _ = build("wan")
+    handle = enable_psa(pipe, config=FULL)
+    layer = pipe.transformer.blocks[0].attn1
+    replacement = WanAttnProcessor()
+    layer.set_processor(replacement)
+    with caplog.at_level(logging.WARNING, logger="psa_diffusers.diffusers.enable"):
+        handle.disable()
+    assert layer.processor is replacement
+    assert any("replaced since enable_psa" in r.getMessage() for r in caplog.records)
+
+
+def test_enable_refuses_processors_set_by_hand():
+    pipe, _ = build("cogvideox")
+    pipe.transformer.set_attn_processor(PSAProcessor(FULL))
+    with pytest.raises(ValueError, match="already has a PSAProcessor"):
+        enable_psa(pipe)
+    assert HookRegistry.check_if_exists_or_initialize(pipe.transformer).get_hook(HOOK_NAME) is None
+
+
+def test_wrong_family_or_model_changes_nothing():
+    pipe, _ = build("cogvideox")
+    before = _processors(pipe)
+    with pytest.raises(ValueError, match="wan"):
+        enable_psa(pipe, preset="wan2.1-1.3b")
+    with pytest.raises(ValueError, match="wan"):
+        enable_psa(pipe, preset=tiny_preset("wan"))
+    with pytest.raises(ValueError, match="supports"):
+        enable_psa(pipe.vae)
+    with pytest.raises(ValueError, match="block_q"):
+        enable_psa(pipe, config=FULL, block_q=96)
+    assert _same_objects(_processors(pipe), before)
+    assert HookRegistry.check_if_exists_or_initialize(pipe.transformer).get_hook(HOOK_NAME) is None
+
+
+def test_default_preset_and_overrides():
+    pipe, _ = build("wan")
+    with enable_psa(pipe, block_q=64) as handle:
+        assert handle.schedule.name == "wan2.1-1.3b"
+        assert handle.config == get_preset("wan2.1-1.3b").config.replace(block_q=64)
+    with enable_psa(pipe, preset="wan2.1-1.3b", config=SPARSE) as handle:
+        assert handle.config == SPARSE and handle.schedule.dense_steps == 15
+
+
+@pytest.mark.parametrize("guidance", [6.0, 1.0], ids=["guidance", "no-guidance"])
+@pytest.mark.parametrize("kind", ["cogvideox", "wan"])
+def test_preset_schedule_dense_then_sparse(kind, guidance, caplog):
+    pipe, call = build(kind)
+    with enable_psa(pipe, preset=tiny_preset(FAMILY[kind])) as handle:
+        with caplog.at_level(logging.INFO, logger=STATE_LOGGER):
+            out = call(num_inference_steps=4, guidance_scale=guidance)
+        lines = [r.getMessage() for r in caplog.records if "mean attention density" in r.getMessage()]
+        assert len(lines) == 1 and "4 step(s) x 2 layer(s)" in lines[0]  # logged at the end of the call
+    stats = handle.stats()
+    assert sorted(stats) == [0, 1, 2, 3]
+    calls = 2 if kind == "wan" and guidance > 1 else 1  # Wan: separate cond and uncond calls
+    for step, layers in stats.items():
+        assert len(layers) == 2
+        for s in layers.values():
+            assert s.calls == calls
+            if step < 2:
+                assert s.dense and s.reason == DENSE_STEP and s.density == 1.0
+            else:
+                assert not s.dense and s.reason is None and s.density < 0.6
+    assert torch.isfinite(out).all()
+
+
+def test_two_experts_share_one_step_clock():
+    pipe, call = build("wan2.2")
+    with enable_psa(pipe, preset=tiny_preset("wan")) as handle:
+        call(num_inference_steps=4)
+    stats = handle.stats()
+    assert sorted(stats) == [0, 1, 2, 3]
+    experts = {step: {layer.split(".")[0] for layer in layers} for step, layers in stats.items()}
+    assert all(len(e) == 1 for e in experts.values())
+    assert {e for es in experts.values() for e in es} == {"transformer", "transformer_2"}
+    assert [all(s.dense for s in stats[step].values()) for step in range(4)] == [True, True, False, False]
+
+
+def test_bare_transformer_counts_steps_from_timesteps():
+    """Without the pipeline the clock follows the timesteps; the run length is the preset's."""
+    pipe, call = build("wan")
+    with enable_psa(pipe.transformer, preset=tiny_preset("wan")) as handle:
+        call(num_inference_steps=4)
+        first = handle.stats()
+        call(num_inference_steps=4, guidance_scale=1.0)  # a second run starts again at step 0
+        second = handle.stats()
+    for stats, calls in ((first, 2), (second, 1)):
+        assert sorted(stats) == [0, 1, 2, 3]
+        assert [all(s.dense for s in stats[i].values()) for i in range(4)] == [True, True, False, False]
+        assert all(s.calls == calls for layers in stats.values() for s in layers.values())
+
+
+@pytest.mark.parametrize("kind", ["cogvideox", "wan"])
+def test_sparse_budget(kind):
+    pipe, call = build(kind)
+    dense = call(num_inference_steps=2)
+    with enable_psa(pipe, config=SPARSE) as handle:
+        out = call(num_inference_steps=2)
+    assert torch.isfinite(out).all()
+    assert rel_err(out, dense) > 1e-3
+    expected = expected_density(FAMILY[kind])
+    stats = handle.stats()
+    densities = [s.density for layers in stats.values() for s in layers.values()]
+    assert len(densities) == 4 and not any(s.dense for layers in stats.values() for s in layers.values())
+    assert all(abs(d - expected) <= 1 / KV_BLOCKS for d in densities), (densities, expected)
+    assert handle.mean_density() == pytest.approx(sum(densities) / 4)
+
+
+def test_hook_reads_the_token_grid():
+    pipe, call = build("cogvideox")
+    seen = []
+    with enable_psa(pipe, config=SPARSE.replace(token_order="gilbert")) as handle:
+        attn = pipe.transformer.transformer_blocks[0].attn1
+        hook = attn.register_forward_pre_hook(lambda *_: seen.append(handle.state.current.grid))
+        call(num_inference_steps=1, guidance_scale=1.0)
+        hook.remove()
+    assert seen == [TINY_GRID]
+
+
+def test_token_grid_from_patch_sizes():
+    cog = tiny_cogvideox_transformer(num_layers=1).config
+    cog15 = tiny_cogvideox_transformer(num_layers=1, patch_size_t=2).config
+    assert token_grid("cogvideox", cog, (2, 5, 4, 32, 32)) == (5, 16, 16)
+    assert token_grid("cogvideox", cog15, (2, 6, 4, 32, 32)) == (3, 16, 16)
+    wan = type("Config", (), {"patch_size": (1, 2, 2)})
+    assert token_grid("wan", wan, (1, 16, 5, 32, 32)) == (5, 16, 16)
+    assert token_grid("wan", wan, (1, 16, 32, 32)) is None
+
+
+def test_cogvideox15_temporal_patch_full_budget_gilbert():
+    """CogVideoX1.5's temporal patch: the grid from patch_size_t lets Gilbert order run; full budget = stock."""
+    model = tiny_cogvideox_transformer(num_layers=1, patch_size_t=2)
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(
+        hidden_states=torch.randn(1, 4, 4, 32, 32, generator=g),
+        encoder_hidden_states=torch.randn(1, 16, 32, generator=g),
+        timestep=torch.tensor([500]),
+        return_dict=False,
+    )
+    with torch.no_grad():
+        stock = model(**inputs)[0]
+        with enable_psa(model, config=FULL.replace(token_order="gilbert")) as handle:
+            out = model(**inputs)[0]
+    assert rel_err(out, stock) < 1e-5
+    assert handle.stats()[0]["transformer.transformer_blocks.0.attn1"].density == pytest.approx(1.0)
