@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.structured_qkv import relative_error, structured_qkv  # noqa: E402
-from psa_diffusers import PSAConfig, PyramidBlockMask, build_block_mask, psa_attention  # noqa: E402
+from psa_diffusers import PSAConfig, PyramidBlockMask, psa_attention  # noqa: E402
 from psa_diffusers.mask_builder import estimate_importance  # noqa: E402
 
 BUDGETS = [

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 BLOCK_Q_SIZES = (64, 128)
 BLOCK_KV_SIZES = (32, 64, 128)
@@ -95,7 +96,7 @@ class PSAConfig:
             )
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "PSAConfig":
+    def from_dict(cls, data: Mapping[str, Any]) -> PSAConfig:
         """Build from a plain mapping (JSON/YAML); unknown keys raise ValueError naming them."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
@@ -110,6 +111,6 @@ class PSAConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def replace(self, **changes: Any) -> "PSAConfig":
+    def replace(self, **changes: Any) -> PSAConfig:
         """A copy with some fields changed, validated again."""
         return dataclasses.replace(self, **changes)

@@ -65,7 +65,7 @@ class PyramidBlockMask:
 
     # ------------------------------------------------------------------ build
     @classmethod
-    def from_level_map(cls, level_map: torch.Tensor, *, block_q: int, block_kv: int) -> "PyramidBlockMask":
+    def from_level_map(cls, level_map: torch.Tensor, *, block_q: int, block_kv: int) -> PyramidBlockMask:
         """Compact a level map ``[B, H, Nq, Nk]`` with values in {0, 1, 2, 4, 8}.
 
         Raises ValueError for a value outside that set, a query row whose every
@@ -94,7 +94,7 @@ class PyramidBlockMask:
         return cls._compact(lm, block_q=block_q, block_kv=block_kv)
 
     @classmethod
-    def _compact(cls, lm: torch.Tensor, *, block_q: int, block_kv: int) -> "PyramidBlockMask":
+    def _compact(cls, lm: torch.Tensor, *, block_q: int, block_kv: int) -> PyramidBlockMask:
         """Compact an already valid int64 level map (no checks, no host sync)."""
         nk = lm.shape[-1]
         rank = level_rank(lm)
@@ -113,7 +113,7 @@ class PyramidBlockMask:
     def device(self) -> torch.device:
         return self.kv_indices.device
 
-    def to(self, device) -> "PyramidBlockMask":
+    def to(self, device) -> PyramidBlockMask:
         return PyramidBlockMask(
             self.kv_counts.to(device), self.kv_indices.to(device), block_q=self.block_q, block_kv=self.block_kv
         )
@@ -150,6 +150,25 @@ class PyramidBlockMask:
         inv = torch.where(lm > 0, 1.0 / lm.clamp(min=1), torch.zeros_like(lm))
         work = (inv * n_kv).sum(-1)  # [B, H, Nq]: pooled tokens seen by each query block
         return (work * n_q).sum(-1) / (float(seq_len_q) * float(seq_len_kv))
+
+    def density_tensor(self, seq_len_q: int, seq_len_kv: int) -> torch.Tensor:
+        """Mean FLOP-weighted density as a 0-d float64 tensor on the mask's device.
+
+        Computed from the per-level counts: no dense level map and no host synchronisation,
+        so it can run on every attention call (for statistics).
+        """
+        self.check_fits(seq_len_q, seq_len_kv)
+        _, _, nq, nk = self.shape
+        counts = self.kv_counts.to(torch.float64)  # [B, H, Nq, 4]
+        inv = torch.tensor([1.0 / s for s in LEVELS], dtype=torch.float64, device=counts.device)
+        work = (counts * inv).sum(-1) * self.block_kv  # pooled tokens per row, as if every KV block were full
+        last = seq_len_kv - (nk - 1) * self.block_kv
+        if last < self.block_kv:  # the last KV block is partial: take back what it does not hold
+            position = (self.kv_indices == nk - 1).to(torch.int32).argmax(-1, keepdim=True)  # [B, H, Nq, 1]
+            group = (position >= self.kv_counts.to(torch.int64).cumsum(-1)).sum(-1)  # 0..3: level 1..8, 4: skipped
+            work = work - torch.cat([inv, inv.new_zeros(1)])[group] * (self.block_kv - last)
+        rows = block_sizes(seq_len_q, self.block_q, nq, counts.device)
+        return (work * rows).sum(-1).mean() / (float(seq_len_q) * float(seq_len_kv))
 
     def density(self, seq_len_q: int, seq_len_kv: int) -> float:
         """Mean FLOP-weighted density over batch and heads: 1.0 is dense."""

@@ -46,7 +46,6 @@ def psa_attention_reference(
     cdt = _compute_dtype(q.dtype)
     level_map = mask.to_level_map().to(q.device)  # [B, H, Nq, Nk]
     bq, bkv = mask.block_q, mask.block_kv
-    nq = level_map.shape[2]
 
     levels = []  # per factor: pooled k, pooled v, log-count bias, owning KV block of each pooled token
     for s in LEVELS:

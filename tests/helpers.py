@@ -16,7 +16,8 @@ def random_level_map(b, h, nq, nk, *, generator=None, p_skip=0.3) -> torch.Tenso
     keep = torch.randint(0, nk, (b, h, nq), generator=g)
     row_empty = (lm == 0).all(-1)
     forced = LEVEL_VALUES[torch.randint(1, 5, (b, h, nq), generator=g)]
-    lm.scatter_(-1, keep.unsqueeze(-1), torch.where(row_empty, forced, lm.gather(-1, keep.unsqueeze(-1)).squeeze(-1)).unsqueeze(-1))
+    kept = torch.where(row_empty, forced, lm.gather(-1, keep.unsqueeze(-1)).squeeze(-1))
+    lm.scatter_(-1, keep.unsqueeze(-1), kept.unsqueeze(-1))
     return lm
 
 

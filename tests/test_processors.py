@@ -12,7 +12,6 @@ from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0, Fuse
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
 from psa_diffusers.diffusers import PSAProcessor
-from psa_diffusers.diffusers.processor import mask_density
 from psa_diffusers.mask import PyramidBlockMask
 from psa_diffusers.presets import get_preset
 from tests.helpers import random_level_map
@@ -154,7 +153,7 @@ def test_mask_density_matches_the_mask(lq, lkv):
     nq, nk = -(-lq // 64), -(-lkv // 32)
     level_map = random_level_map(2, 3, nq, nk, generator=g)
     mask = PyramidBlockMask.from_level_map(level_map, block_q=64, block_kv=32)
-    assert mask_density(mask, lq, lkv).item() == pytest.approx(mask.density(lq, lkv), rel=1e-12)
+    assert mask.density_tensor(lq, lkv).item() == pytest.approx(mask.density(lq, lkv), rel=1e-12)
 
 
 def test_plain_preset_runs_its_sparse_budget_from_the_first_call():

@@ -38,8 +38,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_wan import WanAttention
 
 from ..attention import BACKENDS, psa_attention
-from ..config import LEVELS, PSAConfig
-from ..mask import PyramidBlockMask
+from ..config import PSAConfig
 from .state import DENSE_STEP, PSAState
 
 logger = logging.getLogger(__name__)
@@ -77,24 +76,6 @@ def resolve_schedule(config_or_preset: Any) -> Any:
     raise TypeError(
         f"config_or_preset must be None, a PSAConfig, a preset or a preset name, got {type(config_or_preset).__name__}"
     )
-
-
-def mask_density(mask: PyramidBlockMask, seq_len_q: int, seq_len_kv: int) -> torch.Tensor:
-    """``mask.density(seq_len_q, seq_len_kv)`` as a 0-d float64 tensor on the mask's device, from the
-    per-level counts: no dense level map, no host synchronisation (it runs on every call for stats)."""
-    _, _, nq, nk = mask.shape
-    counts = mask.kv_counts.to(torch.float64)  # [B, H, Nq, 4]
-    inv = torch.tensor([1.0 / s for s in LEVELS], dtype=torch.float64, device=counts.device)
-    work = (counts * inv).sum(-1) * mask.block_kv  # pooled tokens per row, as if every KV block were full
-    last = seq_len_kv - (nk - 1) * mask.block_kv
-    if last < mask.block_kv:  # the last KV block is partial: take back what it does not hold
-        position = (mask.kv_indices == nk - 1).to(torch.int32).argmax(-1, keepdim=True)  # [B, H, Nq, 1]
-        group = (position >= mask.kv_counts.to(torch.int64).cumsum(-1)).sum(-1)  # 0..3 = level 1..8, 4 = skipped
-        inv_last = torch.cat([inv, inv.new_zeros(1)])[group]
-        work = work - inv_last * (mask.block_kv - last)
-    rows = torch.full((nq,), float(mask.block_q), dtype=torch.float64, device=counts.device)
-    rows[-1] = seq_len_q - (nq - 1) * mask.block_q
-    return (work * rows).sum(-1).mean() / (float(seq_len_q) * float(seq_len_kv))
 
 
 def _wan_rotary(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
@@ -220,7 +201,7 @@ class PSAProcessor:
         out, mask = psa_attention(q, k, v, config, text_len=text_len, grid=grid, backend=self.backend, return_mask=True)
         if self._state is not None and self._layer is not None:
             length = q.shape[2]
-            self._state.record(self._layer, mask_density(mask, length, length), None)
+            self._state.record(self._layer, mask.density_tensor(length, length), None)
         return out
 
     # ------------------------------------------------------------------ CogVideoX
