@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(PY) benchmarks/selfcheck.py
+	$(VENV)/bin/psa-diffusers demo --output $(DEMO_DIR)
 
 selfcheck: setup
 	$(PY) benchmarks/selfcheck.py
