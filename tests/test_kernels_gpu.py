@@ -149,10 +149,11 @@ def test_fused_mask_kernel_matches_mask_builder(mode):
     budgets = (0.1, 0.05, 0.0, 0.2) if mode == "quota" else (0.5, 0.6, 0.7, 0.8)
     cfg = PSAConfig(block_q=128, block_kv=128, mode=mode, budgets=budgets, sim_thresholds=(0.7, 0.65, 0.6))
     imp = _kernels().estimate_block_importance_triton(q, k, block_q=128, block_kv=128, stride=8)
-    ref = build_block_mask(q, k, cfg, text_len=text_len, importance=imp)
+    # the PyTorch builder on the CPU (on CUDA build_block_mask itself uses the fused kernel)
+    ref = build_block_mask(q.cpu(), k.cpu(), cfg, text_len=text_len, importance=imp.cpu())
     video = (length - text_len) // 128
     got = _kernels().build_mask_triton(imp, cfg, num_kv_blocks=video, num_q_blocks=video, caps=similarity_caps(k, cfg))
-    got_map, ref_map = got.to_level_map(), ref.to_level_map()
+    got_map, ref_map = got.to_level_map().cpu(), ref.to_level_map()
     bad = (got_map != ref_map).any(-1).nonzero()
     detail = ""
     if len(bad):

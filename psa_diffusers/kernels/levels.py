@@ -31,6 +31,7 @@ import torch
 
 from ..config import PSAConfig
 from ..mask import PyramidBlockMask
+from ..mask_builder import quota_bounds
 from . import _triton
 from ._triton import HAS_TRITON, INTERPRETED, next_power_of_2, tl, triton
 
@@ -98,17 +99,6 @@ if HAS_TRITON:
         tl.store(out + 1, tl.sum((real & (level == 2)).to(tl.int32), 0))
         tl.store(out + 2, tl.sum((real & (level == 4)).to(tl.int32), 0))
         tl.store(out + 3, tl.sum((real & (level == 8)).to(tl.int32), 0))
-
-
-def quota_bounds(config: PSAConfig, n: int) -> list[int]:
-    """Cumulative rank bounds of levels 1, 2, 4, 8 for a row of ``n`` competing blocks (quota mode)."""
-    shares = config.budgets
-    n_full = max(round(shares[0] * n), math.ceil(config.min_full_share * n), 1)
-    bounds, total = [], 0
-    for i, share in enumerate(shares):
-        total += n_full if i == 0 else round(share * n)
-        bounds.append(min(total, n))
-    return bounds
 
 
 def build_mask_triton(
