@@ -35,7 +35,7 @@ def estimate_importance(q: torch.Tensor, k: torch.Tensor, config: PSAConfig, sca
     return estimate_block_importance(q, k, **kwargs)
 
 
-def _quota_bounds(config: PSAConfig, n: int) -> list[int]:
+def quota_bounds(config: PSAConfig, n: int) -> list[int]:
     """Cumulative rank bounds of levels 1, 2, 4, 8 for a row of ``n`` blocks (quota mode)."""
     shares = config.budgets
     n_full = max(round(shares[0] * n), math.ceil(config.min_full_share * n), 1)
@@ -46,7 +46,9 @@ def _quota_bounds(config: PSAConfig, n: int) -> list[int]:
     return bounds
 
 
-def levels_from_importance(importance: torch.Tensor, config: PSAConfig, *, num_blocks: int | None = None) -> torch.Tensor:
+def levels_from_importance(
+    importance: torch.Tensor, config: PSAConfig, *, num_blocks: int | None = None
+) -> torch.Tensor:
     """Level map ``[B, H, Nq, Nk]`` int64 from importance ``[B, H, Nq, Nk]`` (DESIGN section 2, steps 1-2).
 
     Only the first ``num_blocks`` columns (default: all) compete; the others get level 0
@@ -59,7 +61,7 @@ def levels_from_importance(importance: torch.Tensor, config: PSAConfig, *, num_b
     rank = torch.arange(n, device=s.device)
     n_min_full = max(1, math.ceil(config.min_full_share * n))
     if config.mode == "quota":
-        bounds = torch.tensor(_quota_bounds(config, n), device=s.device)
+        bounds = torch.tensor(quota_bounds(config, n), device=s.device)
         group = (rank.unsqueeze(-1) >= bounds).sum(-1)  # [n]: 0..4
         group = group.expand_as(vals)
     else:
@@ -83,6 +85,22 @@ def similarity_caps(k: torch.Tensor, config: PSAConfig) -> torch.Tensor:
     allowed = smooth >= tau
     factors = torch.tensor((2, 4, 8), device=k.device, dtype=torch.int64)
     return torch.where(allowed, factors, torch.ones_like(factors)).amax(-1)
+
+
+def _fused_mask(q, k, importance, config: PSAConfig, video_kv_blocks: int, video_q_blocks: int):
+    """The same mask from the fused Triton level builder, where it can run (CUDA); else None."""
+    if not q.is_cuda or config.mode not in ("quota", "mass"):
+        return None
+    from .kernels import build_mask_triton, similarity_caps_triton, triton_unsupported_reason
+
+    if triton_unsupported_reason(q, k, k) is not None:
+        return None
+    caps = None
+    if config.sim_thresholds is not None:
+        caps = similarity_caps_triton(k, block_kv=config.block_kv, thresholds=config.sim_thresholds)
+    return build_mask_triton(
+        importance, config, num_kv_blocks=video_kv_blocks, num_q_blocks=video_q_blocks, caps=caps
+    )
 
 
 def build_block_mask(
@@ -112,6 +130,9 @@ def build_block_mask(
     if video_kv_blocks == 0 or video_q_blocks == 0:
         level_map = torch.ones(importance.shape, dtype=torch.int64, device=q.device)
         return PyramidBlockMask._compact(level_map, block_q=config.block_q, block_kv=config.block_kv)
+    fused = _fused_mask(q, k, importance, config, video_kv_blocks, video_q_blocks)
+    if fused is not None:
+        return fused
     level_map = levels_from_importance(importance, config, num_blocks=video_kv_blocks)
     if config.sim_thresholds is not None:
         caps = similarity_caps(k, config).unsqueeze(2)  # [B, H, 1, Nk]
