@@ -7,7 +7,8 @@ Transformers are built from their published configurations with random weights
 (no download). A step is what the pipeline runs per denoising step: Wan runs
 the conditional and unconditional forwards separately (2 x batch 1),
 CogVideoX runs them as one batch of 2. Dense uses the stock processors with
-SDPA on cuDNN; PSA uses ``enable_psa(transformer, config=<preset's sparse budget>)``.
+SDPA on cuDNN; PSA uses ``enable_psa(transformer, config=...)`` with the preset's sparse
+budget and with the fixed quota budget 10/5/0/20 (see ``fixed_budget``).
 With ``--layers N`` only N blocks are built and times are scaled to the full
 depth (the per-block cost is uniform; embedding and head costs are counted once).
 """
@@ -55,6 +56,15 @@ CASES = {
     "cogvideox-5b": Case("cogvideox", COG_5B, (2, 13, 16, 60, 90), 226, "cogvideox-5b", 1),
     "wan2.1-14b-720p": Case("wan", WAN_14B, (1, 16, 21, 90, 160), 512, "wan2.1-14b", 2, default_layers=8),
 }
+
+
+def fixed_budget(config):
+    """The published quota budget (full 10%, 2x 5%, 8x 20%: density ~0.15) with the preset's blocks and order.
+
+    Random weights give diffuse attention, on which mass-mode presets keep most blocks; this fixed
+    budget times the sparse step at the density the presets reach on real video attention.
+    """
+    return config.replace(mode="quota", budgets=(0.10, 0.05, 0.0, 0.20), sim_thresholds=None)
 
 
 def build(case: Case, layers: int | None):
@@ -130,8 +140,11 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("end_to_end: needs a CUDA GPU (bf16 real-size transformers); none found")
         return 0
+    import diffusers
+
     from psa_diffusers import enable_psa
 
+    diffusers.utils.logging.set_verbosity_error()
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, random weights")
     rows = []
     for name in args.models:
@@ -141,23 +154,27 @@ def main(argv=None) -> int:
         x = inputs(case)
         built_layers = layers or case.config["num_layers"]
         dense_ms, dense_mem = time_step(model, x, case.forwards_per_step)
-        preset = get_preset(case.preset)
-        with enable_psa(model, config=preset.config) as handle:
-            psa_ms, psa_mem = time_step(model, x, case.forwards_per_step)
-            density = handle.mean_density()
         attn = attention_ms(case, built_layers, case.forwards_per_step)
-        n, n_dense = preset.num_steps, preset.dense_steps
-        run = n * dense_ms / (n_dense * dense_ms + (n - n_dense) * psa_ms)
-        rows.append((name, built_layers, depth_scale, dense_ms * depth_scale, psa_ms * depth_scale,
-                     dense_ms / psa_ms, attn / dense_ms, dense_mem, psa_mem, density, run, n, n_dense))
+        preset = get_preset(case.preset)
+        budgets = {f"preset {preset.config.mode}": preset.config, "quota 10/5/0/20": fixed_budget(preset.config)}
+        for label, config in budgets.items():
+            if label != "quota 10/5/0/20" and config == budgets["quota 10/5/0/20"]:
+                continue
+            with enable_psa(model, config=config) as handle:
+                psa_ms, psa_mem = time_step(model, x, case.forwards_per_step)
+                density = handle.mean_density()
+            n, n_dense = preset.num_steps, preset.dense_steps
+            run = n * dense_ms / (n_dense * dense_ms + (n - n_dense) * psa_ms)
+            rows.append((name, label, built_layers, depth_scale, dense_ms * depth_scale, psa_ms * depth_scale,
+                         dense_ms / psa_ms, attn / dense_ms, dense_mem, psa_mem, density, run, n, n_dense))
         del model, x
         torch.cuda.empty_cache()
-    print(f"{'model':<18} {'layers':>6} {'dense ms':>9} {'PSA ms':>9} {'step x':>7} {'attn %':>7} "
+    print(f"{'model':<18} {'budget':<16} {'layers':>6} {'dense ms':>9} {'PSA ms':>9} {'step x':>7} {'attn %':>7} "
           f"{'peak GB d/PSA':>14} {'density':>8} {'run x':>6}  schedule")
     for r in rows:
-        name, built, scale, d_ms, p_ms, speed, share, dm, pm, dens, run, n, nd = r
+        name, label, built, scale, d_ms, p_ms, speed, share, dm, pm, dens, run, n, nd = r
         shown = f"{built}" + (f"x{scale:.0f}" if scale != 1 else "")
-        print(f"{name:<18} {shown:>6} {d_ms:9.1f} {p_ms:9.1f} {speed:7.2f} {100 * share:6.1f}% "
+        print(f"{name:<18} {label:<16} {shown:>6} {d_ms:9.1f} {p_ms:9.1f} {speed:7.2f} {100 * share:6.1f}% "
               f"{dm / 2**30:6.1f}/{pm / 2**30:<6.1f} {dens:8.3f} {run:6.2f}  {nd} dense of {n}")
     return 0
 
