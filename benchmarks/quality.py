@@ -102,10 +102,16 @@ def plot(points: list[Point], plot_dir: Path) -> None:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for order, style in (("gilbert", "-"), ("none", ":")):
             sel = sorted((p for p in points if p.shape == shape and p.order == order), key=lambda p: p.density)
-            for attr, label, colour in (("psa", "PSA", "C0"), ("binary_same", "binary (same importance)", "C1"),
+            where = "Gilbert" if order == "gilbert" else "raster"
+            modes = sorted({p.mode for p in sel})
+            for i, mode in enumerate(modes):  # PSA: one line per level-allocation mode
+                own = [p for p in sel if p.mode == mode]
+                ax.plot([p.density for p in own], [p.psa for p in own], style, marker="o", ms=3,
+                        color=f"C{3 + i}" if i else "C0", label=f"PSA {mode}, {where}")
+            for attr, label, colour in (("binary_same", "binary (same importance)", "C1"),
                                         ("binary_oracle", "binary (oracle mass)", "C2")):
                 ax.plot([p.density for p in sel], [getattr(p, attr) for p in sel], style, marker="o", ms=3,
-                        color=colour, label=f"{label}, {'Gilbert' if order == 'gilbert' else 'raster'}")
+                        color=colour, label=f"{label}, {where}")
         ax.set_xlabel("FLOP density")
         ax.set_ylabel("relative L2 error vs dense")
         ax.set_yscale("log")
