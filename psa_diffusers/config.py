@@ -10,7 +10,7 @@ from typing import Any
 
 BLOCK_Q_SIZES = (64, 128)
 BLOCK_KV_SIZES = (32, 64, 128)
-MODES = ("quota", "mass")
+MODES = ("quota", "mass", "budget")
 TOKEN_ORDERS = ("gilbert", "none")
 LEVELS = (1, 2, 4, 8)
 """Pooling factors of the pyramid, finest first. Level 0 (skip) is not listed."""
@@ -36,15 +36,20 @@ class PSAConfig:
     block_kv: key/value block size, 32, 64 or 128.
     mode:     "quota" -- ``budgets`` are the shares of each row's blocks kept at
               levels 1, 2, 4, 8 (rest skipped); "mass" -- ``budgets`` are the
-              cumulative importance-mass thresholds for levels 1, 2, 4, 8.
+              cumulative importance-mass thresholds for levels 1, 2, 4, 8;
+              "budget" -- each row gets ``target_density`` of the dense work and
+              spends it on the levels that remove the most estimated output error
+              (``allocation.py``); ``budgets`` and ``min_full_share`` are not used.
     budgets:  four numbers for the pooling factors 1, 2, 4, 8 (see ``mode``).
-    min_full_share: the least share of each row's blocks kept at level 1.
+    min_full_share: the least share of each row's blocks kept at level 1 (quota and mass modes).
     sim_thresholds: optional cosine-similarity thresholds (tau_2, tau_4, tau_8)
               of the similarity cap; None disables the cap.
     token_order: "gilbert" reorders video tokens along a 3D Gilbert curve;
               "none" keeps raster order.
     importance_stride: the importance estimate samples every n-th query and
-              key of each block (deterministic; see ``importance.py``).
+              key of each block (deterministic; see ``importance.py``); quota and mass modes.
+    target_density: the FLOP density (DESIGN section 1) each row is allocated in
+              "budget" mode, in (0, 1]; required there, must be None otherwise.
     """
 
     block_q: int = 128
@@ -55,6 +60,7 @@ class PSAConfig:
     sim_thresholds: tuple[float, float, float] | None = None
     token_order: str = "none"
     importance_stride: int = 8
+    target_density: float | None = None
 
     def __post_init__(self) -> None:
         if self.block_q not in BLOCK_Q_SIZES:
@@ -73,7 +79,7 @@ class PSAConfig:
                 raise ValueError(
                     f"PSAConfig.budgets={budgets}: quota shares sum to {sum(budgets):.4g}, must be at most 1"
                 )
-        else:
+        elif self.mode == "mass":
             if any(b > 1 for b in budgets):
                 raise ValueError(f"PSAConfig.budgets={budgets}: mass thresholds must lie in [0, 1]")
             if any(b2 < b1 for b1, b2 in zip(budgets, budgets[1:])):
@@ -93,6 +99,17 @@ class PSAConfig:
             raise ValueError(
                 f"PSAConfig.importance_stride={self.importance_stride}: must divide block_q={self.block_q} "
                 f"and block_kv={self.block_kv}"
+            )
+        if self.mode == "budget":
+            td = self.target_density
+            if td is None:
+                raise ValueError("PSAConfig.target_density=None: mode='budget' needs a target density in (0, 1]")
+            if isinstance(td, bool) or not isinstance(td, (int, float)) or not (math.isfinite(td) and 0.0 < td <= 1.0):
+                raise ValueError(f"PSAConfig.target_density={td!r}: must be a number in (0, 1]")
+            object.__setattr__(self, "target_density", float(td))
+        elif self.target_density is not None:
+            raise ValueError(
+                f"PSAConfig.target_density={self.target_density!r}: only used with mode='budget' (mode={self.mode!r})"
             )
 
     @classmethod

@@ -2,6 +2,10 @@
 
 All steps run on the inputs' device with sort/cumsum over ``[B, H, Nq, Nk]``
 (no host synchronisation), so the result is bit-identical for the same inputs.
+
+Modes "quota" and "mass" rank blocks by the sampled importance; mode "budget"
+estimates block statistics (``estimate_pyramid_statistics``) and allocates
+levels at a target density by estimated error (``allocation.py``).
 """
 
 from __future__ import annotations
@@ -11,9 +15,10 @@ import math
 
 import torch
 
+from .allocation import allocate_levels, row_budget
 from .config import LEVELS, PSAConfig
-from .importance import block_smoothness, estimate_block_importance
-from .mask import PyramidBlockMask
+from .importance import PyramidStats, block_smoothness, estimate_block_importance, estimate_pyramid_statistics
+from .mask import PyramidBlockMask, block_sizes
 
 logger = logging.getLogger(__name__)
 
@@ -111,15 +116,19 @@ def build_block_mask(
     text_len: int = 0,
     scale: float | None = None,
     importance: torch.Tensor | None = None,
+    stats: PyramidStats | None = None,
 ) -> PyramidBlockMask:
     """Choose every block's level for ``q`` ``[B, H, Lq, D]`` against ``k`` ``[B, H, Lkv, D]``.
 
     Text tokens are the last ``text_len`` tokens of both sequences: every query sees
     the text KV blocks at level 1 and text query blocks see everything at level 1.
-    ``importance`` ``[B, H, Nq, Nk]`` may be passed to skip the estimate.
+    ``importance`` ``[B, H, Nq, Nk]`` may be passed to skip the estimate (quota and mass
+    modes); ``stats`` (``estimate_pyramid_statistics``) likewise for the budget mode.
     """
     lq, lkv = q.shape[2], k.shape[2]
     nq, nk = _ceil_div(lq, config.block_q), _ceil_div(lkv, config.block_kv)
+    if config.mode == "budget":
+        return _build_budget_mask(q, k, config, text_len=text_len, scale=scale, stats=stats)
     if importance is None:
         importance = estimate_importance(q, k, config, scale)
     elif importance.shape[-2:] != (nq, nk):
@@ -137,6 +146,38 @@ def build_block_mask(
     if config.sim_thresholds is not None:
         caps = similarity_caps(k, config).unsqueeze(2)  # [B, H, 1, Nk]
         level_map = torch.where(level_map > 0, torch.minimum(level_map, caps), level_map)
+    level_map[..., video_kv_blocks:] = 1
+    level_map[..., video_q_blocks:, :] = 1
+    return PyramidBlockMask._compact(level_map, block_q=config.block_q, block_kv=config.block_kv)
+
+
+def _build_budget_mask(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    config: PSAConfig,
+    *,
+    text_len: int,
+    scale: float | None,
+    stats: PyramidStats | None,
+) -> PyramidBlockMask:
+    """Budget mode: block statistics -> error-driven levels at ``config.target_density`` -> forced text."""
+    lq, lkv = q.shape[2], k.shape[2]
+    nq, nk = _ceil_div(lq, config.block_q), _ceil_div(lkv, config.block_kv)
+    video_kv_blocks = (lkv - text_len) // config.block_kv if text_len else nk
+    video_q_blocks = (lq - text_len) // config.block_q if text_len else nq
+    shape = q.shape[:2] + (nq, nk)
+    if video_kv_blocks == 0 or video_q_blocks == 0:
+        level_map = torch.ones(shape, dtype=torch.int64, device=q.device)
+        return PyramidBlockMask._compact(level_map, block_q=config.block_q, block_kv=config.block_kv)
+    if stats is None:
+        stats = estimate_pyramid_statistics(q, k, block_q=config.block_q, block_kv=config.block_kv, scale=scale)
+    elif tuple(stats.mass.shape) != tuple(shape):
+        raise ValueError(f"stats of shape {tuple(stats.mass.shape)} do not match {nq}x{nk} blocks")
+    tokens = block_sizes(lkv, config.block_kv, nk, q.device)
+    forced = lkv - video_kv_blocks * config.block_kv  # text KV blocks, seen at level 1 by every row
+    budget = row_budget(config.target_density, lkv, forced)
+    caps = similarity_caps(k, config) if config.sim_thresholds is not None else None
+    level_map = allocate_levels(stats, budget, tokens, num_blocks=video_kv_blocks, caps=caps)
     level_map[..., video_kv_blocks:] = 1
     level_map[..., video_q_blocks:, :] = 1
     return PyramidBlockMask._compact(level_map, block_q=config.block_q, block_kv=config.block_kv)
