@@ -5,7 +5,7 @@ Shared by ``examples/*.py``, ``psa-diffusers generate`` and the offline demo::
     pipe = load_pipeline("THUDM/CogVideoX-5b")                # bf16 on CUDA
     handle = enable_psa(pipe, preset="cogvideox-5b")          # or None for the dense baseline
     result = generate(pipe, "a cat walks in the rain", handle=handle, output="cat.mp4")
-    print(result.summary())                                   # seconds per step, mean density
+    summary = result.summary()                                # seconds per step, mean density
 
 Nothing here prints: progress goes to an ``on_step`` callback, messages to ``logging``.
 """
