@@ -60,17 +60,17 @@ def mass_loss(var: torch.Tensor) -> torch.Tensor:
 
 
 def error_tables(stats: PyramidStats, num_blocks: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-option detail loss ``s`` and mass loss ``w``, each ``[B, H, Nq, n, 5]`` float64 in ``OPTIONS`` order.
+    """Per-option detail loss ``s`` and mass loss ``w``, each ``[B, H, Nq, n, 5]`` float32 in ``OPTIONS`` order.
 
     Only the first ``num_blocks`` KV blocks (default: all) are tabled; ``s`` is normalised by
     the row's total squared mass and ``w`` by the row's total mass (both over all blocks).
     """
     n = stats.mass.shape[-1] if num_blocks is None else num_blocks
-    mass = stats.mass.double()
-    sq = stats.sq_mass.double()
+    mass = stats.mass.float()
+    sq = stats.sq_mass.float()
     pn = (mass / mass.sum(-1, keepdim=True).clamp(min=1e-30))[..., :n]
     qn = (sq / sq.sum(-1, keepdim=True).clamp(min=1e-30))[..., :n]
-    var = stats.logit_var[..., :n, :].double().clamp(min=0)  # factors 2, 4, 8
+    var = stats.logit_var[..., :n, :].float().clamp(min=0)  # factors 2, 4, 8
     f, g = detail_loss(var), mass_loss(var)
     zero = torch.zeros_like(pn)
     sep = torch.stack([qn, qn * f[..., 2], qn * f[..., 1], qn * f[..., 0], zero], -1)
@@ -139,7 +139,7 @@ def allocate_levels(
     *,
     num_blocks: int | None = None,
     caps: torch.Tensor | None = None,
-    iterations: int = 4,
+    iterations: int = 2,
     start_loss: float = 0.1,
 ) -> torch.Tensor:
     """Level map ``[B, H, Nq, Nk]`` int64 minimising the modelled error within ``budget`` per row.
@@ -149,7 +149,8 @@ def allocate_levels(
     block_tokens: real tokens of each KV block ``[Nk]`` (the last block may be partial).
     num_blocks:   only the first ``num_blocks`` KV blocks compete; the others get level 0 here.
     caps:         optional largest allowed pooling factor per KV block ``[B, H, Nk]`` (similarity cap).
-    iterations:   knapsack solves; each re-linearises the renormalisation term around the last one.
+    iterations:   knapsack solves; each re-linearises the renormalisation term around the last
+                  one (2 is as good as more on the benchmark inputs; see docs/allocation.md).
     start_loss:   the mass loss ``W`` assumed before the first solve.
 
     The row's most massive block is always level 1 (and always fits: the budget is raised to
@@ -174,13 +175,16 @@ def allocate_levels(
     loss = torch.full(lead, float(start_loss), dtype=sep.dtype, device=sep.device)
     detail = torch.zeros_like(loss)
     chosen = None
-    for _ in range(max(1, iterations)):
+    rounds = max(1, iterations)
+    for it in range(rounds):
         weight = 2.0 * (loss + detail) / (1.0 - loss).clamp(min=0.05)
         err = (sep + weight[..., None, None] * lost).masked_fill(blocked, _HUGE)
         chosen = knapsack_options(err, cost, budget)
-        # the first step that did not fit ends the greedy; spend what is left on smaller steps
-        spent = cost.to(sep.device).expand_as(sep).gather(-1, chosen.unsqueeze(-1)).squeeze(-1).sum(-1)
-        chosen = knapsack_options(err, cost, budget - spent, start=chosen)
+        if it == rounds - 1:
+            # the first step that did not fit ended the greedy; spend what is left on smaller steps
+            spent = cost.to(sep.device).expand_as(sep).gather(-1, chosen.unsqueeze(-1)).squeeze(-1).sum(-1)
+            chosen = knapsack_options(err, cost, budget - spent, start=chosen)
+            break
         loss = lost.gather(-1, chosen.unsqueeze(-1)).squeeze(-1).sum(-1)
         detail = sep.gather(-1, chosen.unsqueeze(-1)).squeeze(-1).sum(-1)
     level_of = torch.tensor(OPTIONS, dtype=torch.int64, device=sep.device)

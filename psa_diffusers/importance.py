@@ -231,7 +231,7 @@ def estimate_pyramid_statistics(
     mass = torch.empty(b * h, nq, nk, dtype=torch.float32, device=dev_)
     sq_mass = torch.empty_like(mass)
     per_row = gpq * (n_kg + t_sel * group * (d + group))
-    rows = max(1, (1 << 24) // max(1, b * h * per_row))
+    rows = max(1, (1 << 26) // max(1, b * h * per_row))  # query-block rows per chunk (~256 MiB tensors)
     for i0 in range(0, nq, rows):
         i1 = min(nq, i0 + rows)
         r = i1 - i0

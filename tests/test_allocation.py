@@ -182,6 +182,24 @@ def test_budget_mode_meets_its_density_target(qkv, stats, density):
     assert bool((lm.gather(-1, stats.mass.argmax(-1, keepdim=True)) == 1).all())  # best block kept in full
 
 
+def _row_work(mask, length, rows=None):
+    """Tokens each query-block row sees, counting a pooled token as one: ``[B, H, Nq]``."""
+    lm = mask.to_level_map() if rows is None else mask.to_level_map()[..., :rows, :]
+    n = (length - torch.arange(lm.shape[-1]) * mask.block_kv).clamp(max=mask.block_kv).double()
+    return (torch.where(lm > 0, n / lm.clamp(min=1), torch.zeros((), dtype=torch.float64))).sum(-1)
+
+
+def test_density_target_holds_with_partial_blocks_and_text(qkv):
+    q, k, _ = (t[:, :, :2000] for t in qkv)  # the last query and KV blocks are partial
+    mask = build_block_mask(q, k, budget_config(0.1))
+    work = _row_work(mask, 2000)
+    assert bool((work <= 0.1 * 2000).all()) and bool((work > 0.1 * 2000 - 0.5 * BKV).all())
+    text = 100  # text KV blocks count against the budget of every video row; text rows are dense
+    mask = build_block_mask(q, k, budget_config(0.1), text_len=text)
+    work = _row_work(mask, 2000, rows=(2000 - text) // BQ)
+    assert bool((work <= 0.1 * 2000).all()) and bool((work > 0.1 * 2000 - 0.5 * BKV).all())
+
+
 def test_row_budget_leaves_room_for_forced_blocks():
     assert row_budget(0.1, 1000) == 100 * COST_UNIT
     assert row_budget(0.1, 1000, forced_tokens=30) == 70 * COST_UNIT
