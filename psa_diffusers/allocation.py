@@ -181,9 +181,6 @@ def allocate_levels(
         err = (sep + weight[..., None, None] * lost).masked_fill(blocked, _HUGE)
         chosen = knapsack_options(err, cost, budget)
         if it == rounds - 1:
-            # the first step that did not fit ended the greedy; spend what is left on smaller steps
-            spent = cost.to(sep.device).expand_as(sep).gather(-1, chosen.unsqueeze(-1)).squeeze(-1).sum(-1)
-            chosen = knapsack_options(err, cost, budget - spent, start=chosen)
             break
         loss = lost.gather(-1, chosen.unsqueeze(-1)).squeeze(-1).sum(-1)
         detail = sep.gather(-1, chosen.unsqueeze(-1)).squeeze(-1).sum(-1)

@@ -180,6 +180,7 @@ def estimate_pyramid_statistics(
     group: int = 8,
     refine_blocks: int = 16,
     refine_groups: int = 16,
+    var: torch.Tensor | None = None,
 ) -> PyramidStats:
     """Block mass, squared mass and pooling blur of every (query block, KV block) pair.
 
@@ -201,7 +202,8 @@ def estimate_pyramid_statistics(
        the squared mass is made of those peaks.
 
     ``sq_mass`` of groups that are not refined uses the log-normal second moment
-    ``c * exp(2 zbar + 2 V)``. Returns :class:`PyramidStats` (float32).
+    ``c * exp(2 zbar + 2 V)``. ``var`` may pass the ``pooled_logit_variance`` result (e.g. from
+    its Triton kernel) instead of computing it here. Returns :class:`PyramidStats` (float32).
     """
     b, h, lq, d = q.shape
     lkv = k.shape[2]
@@ -210,7 +212,8 @@ def estimate_pyramid_statistics(
         raise ValueError(f"group={group} must divide block_q={block_q} and block_kv={block_kv}")
     nq, nk = -(-lq // block_q), -(-lkv // block_kv)
     dev_ = q.device
-    var = pooled_logit_variance(q, k, block_q=block_q, block_kv=block_kv, scale=scale)
+    if var is None:
+        var = pooled_logit_variance(q, k, block_q=block_q, block_kv=block_kv, scale=scale)
     li = POOLED_LEVELS.index(group) if group in POOLED_LEVELS else len(POOLED_LEVELS) - 1
     var_g = var[..., li].reshape(b * h, nq, nk)
     gpq, gpk = block_q // group, block_kv // group  # groups per query block / per KV block

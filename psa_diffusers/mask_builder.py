@@ -10,7 +10,6 @@ levels at a target density by estimated error (``allocation.py``).
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 
@@ -31,13 +30,10 @@ def _ceil_div(a: int, b: int) -> int:
 def estimate_importance(q: torch.Tensor, k: torch.Tensor, config: PSAConfig, scale: float | None) -> torch.Tensor:
     """Sampled block mass ``[B, H, Nq, Nk]``: the Triton kernel where it can run, else the PyTorch reference."""
     kwargs = dict(block_q=config.block_q, block_kv=config.block_kv, stride=config.importance_stride, scale=scale)
-    if q.is_cuda:
-        from .kernels import estimate_block_importance_triton, triton_unsupported_reason
+    if _on_triton(q, k, "importance estimate"):
+        from .kernels import estimate_block_importance_triton
 
-        reason = triton_unsupported_reason(q, k, k)
-        if reason is None:
-            return estimate_block_importance_triton(q, k, **kwargs)
-        logger.debug("importance estimate on the PyTorch reference: %s", reason)
+        return estimate_block_importance_triton(q, k, **kwargs)
     return estimate_block_importance(q, k, **kwargs)
 
 
@@ -95,18 +91,14 @@ def similarity_caps(k: torch.Tensor, config: PSAConfig) -> torch.Tensor:
 
 def _fused_mask(q, k, importance, config: PSAConfig, video_kv_blocks: int, video_q_blocks: int):
     """The same mask from the fused Triton level builder, where it can run (CUDA); else None."""
-    if not q.is_cuda or config.mode not in ("quota", "mass"):
+    if config.mode not in ("quota", "mass") or not _on_triton(q, k, "level builder"):
         return None
-    from .kernels import build_mask_triton, similarity_caps_triton, triton_unsupported_reason
+    from .kernels import build_mask_triton, similarity_caps_triton
 
-    if triton_unsupported_reason(q, k, k) is not None:
-        return None
     caps = None
     if config.sim_thresholds is not None:
         caps = similarity_caps_triton(k, block_kv=config.block_kv, thresholds=config.sim_thresholds)
-    return build_mask_triton(
-        importance, config, num_kv_blocks=video_kv_blocks, num_q_blocks=video_q_blocks, caps=caps
-    )
+    return build_mask_triton(importance, config, num_kv_blocks=video_kv_blocks, num_q_blocks=video_q_blocks, caps=caps)
 
 
 def build_block_mask(
@@ -171,14 +163,26 @@ def _build_budget_mask(
         level_map = torch.ones(shape, dtype=torch.int64, device=q.device)
         return PyramidBlockMask._compact(level_map, block_q=config.block_q, block_kv=config.block_kv)
     if stats is None:
-        if q.is_cuda:
-            _warn_budget_estimate_on_reference()
-        stats = estimate_pyramid_statistics(q, k, block_q=config.block_q, block_kv=config.block_kv, scale=scale)
+        stats = estimate_statistics(q, k, config, scale)
     elif tuple(stats.mass.shape) != tuple(shape):
         raise ValueError(f"stats of shape {tuple(stats.mass.shape)} do not match {nq}x{nk} blocks")
     tokens = block_sizes(lkv, config.block_kv, nk, q.device)
     forced = lkv - video_kv_blocks * config.block_kv if text_len else 0  # text KV tokens: level 1 in every row
     budget = row_budget(config.target_density, lkv, forced)
+    if _on_triton(q, k, "budget allocation"):
+        from .kernels import allocate_levels_triton, compact_levels_triton, similarity_caps_triton
+
+        caps = None
+        if config.sim_thresholds is not None:
+            caps = similarity_caps_triton(k, block_kv=config.block_kv, thresholds=config.sim_thresholds)
+        level_map = allocate_levels_triton(stats, budget, tokens.to(torch.int64), num_blocks=video_kv_blocks, caps=caps)
+        return compact_levels_triton(
+            level_map,
+            block_q=config.block_q,
+            block_kv=config.block_kv,
+            num_kv_blocks=video_kv_blocks,
+            num_q_blocks=video_q_blocks,
+        )
     caps = similarity_caps(k, config) if config.sim_thresholds is not None else None
     level_map = allocate_levels(stats, budget, tokens, num_blocks=video_kv_blocks, caps=caps)
     level_map[..., video_kv_blocks:] = 1
@@ -186,9 +190,24 @@ def _build_budget_mask(
     return PyramidBlockMask._compact(level_map, block_q=config.block_q, block_kv=config.block_kv)
 
 
-@functools.cache
-def _warn_budget_estimate_on_reference() -> None:
-    logger.warning(
-        "mode='budget' estimates block statistics with the PyTorch reference on CUDA: correct but slow "
-        "(about 10x dense attention at 32k tokens on an H100) until a Triton kernel exists; see docs/allocation.md"
-    )
+def _on_triton(q: torch.Tensor, k: torch.Tensor, what: str) -> bool:
+    """True when the Triton kernels can run on ``q``, ``k`` (CUDA only); logs why not at DEBUG level."""
+    if not q.is_cuda:
+        return False
+    from .kernels import triton_unsupported_reason
+
+    reason = triton_unsupported_reason(q, k, k)
+    if reason is not None:
+        logger.debug("%s on the PyTorch reference: %s", what, reason)
+    return reason is None
+
+
+def estimate_statistics(q: torch.Tensor, k: torch.Tensor, config: PSAConfig, scale: float | None) -> PyramidStats:
+    """Budget-mode block statistics (``PyramidStats``): the Triton kernels where they can run, else PyTorch."""
+    kwargs = dict(block_q=config.block_q, block_kv=config.block_kv, scale=scale)
+    if _on_triton(q, k, "budget-mode statistics"):
+        from .kernels import estimate_pyramid_statistics_triton, pooled_logit_variance_triton
+
+        var = pooled_logit_variance_triton(q, k, **kwargs)
+        return estimate_pyramid_statistics_triton(q, k, var=var, **kwargs)
+    return estimate_pyramid_statistics(q, k, **kwargs)

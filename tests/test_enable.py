@@ -211,6 +211,21 @@ def test_sparse_budget(kind):
     assert handle.mean_density() == pytest.approx(sum(densities) / 4)
 
 
+def test_budget_mode_through_enable_psa():
+    """The README's opt-in: a preset with mode="budget" overrides; every sparse layer meets its target density."""
+    pipe, call = build("wan")
+    with enable_psa(pipe, preset="wan2.1-1.3b", mode="budget", target_density=0.3) as handle:
+        assert handle.config.mode == "budget" and handle.config.target_density == 0.3
+    dense = call(num_inference_steps=2)
+    with enable_psa(pipe, config=SPARSE.replace(mode="budget", target_density=0.3)) as handle:
+        out = call(num_inference_steps=2)
+    assert torch.isfinite(out).all() and rel_err(out, dense) > 1e-4
+    densities = [s.density for layers in handle.stats().values() for s in layers.values()]
+    assert len(densities) == 4
+    # each row spends at most its budget, and leaves less than one KV block of it unused
+    assert all(0.3 - 1 / KV_BLOCKS < d <= 0.3 + 1e-9 for d in densities), densities
+
+
 def test_hook_reads_the_token_grid():
     pipe, call = build("cogvideox")
     seen = []

@@ -245,6 +245,39 @@ def test_levels_kernel_matches_mask_builder(mode, budgets, sims, text_len):
     assert torch.equal(got.kv_indices, ref.kv_indices.to(torch.int32))
 
 
+@pytest.mark.parametrize("nv,qv", [(None, None), (9, 5)], ids=["no-text", "text"])
+def test_compact_kernel_matches_compact(nv, qv):
+    from psa_diffusers.kernels.levels import compact_levels_triton
+
+    lm = random_level_map(2, 3, 7, 13, generator=torch.Generator().manual_seed(5))  # Nk=13: padded to 16
+    got = compact_levels_triton(lm, block_q=64, block_kv=32, num_kv_blocks=nv, num_q_blocks=qv)
+    forced = lm.clone()
+    if nv is not None:
+        forced[..., nv:] = 1
+        forced[..., qv:, :] = 1
+    ref = PyramidBlockMask._compact(forced, block_q=64, block_kv=32)
+    assert not torch.equal(forced, lm) or nv is None  # the text case really changes the map
+    assert torch.equal(got.kv_counts, ref.kv_counts) and torch.equal(got.kv_indices, ref.kv_indices)
+    assert torch.equal(got.to_level_map(), forced)
+
+
+@pytest.mark.parametrize("sims", [None, (0.7, 0.65, 0.6)], ids=["no-cap", "cap"])
+def test_budget_mask_on_the_kernels_matches_pytorch(sims, monkeypatch):
+    """The GPU path of the budget mode (moments, statistics, allocation, compaction kernels) end to end."""
+    from psa_diffusers import mask_builder
+    from psa_diffusers.config import PSAConfig
+
+    cfg = PSAConfig(block_q=64, block_kv=32, mode="budget", target_density=0.3, sim_thresholds=sims)
+    q, k, _, _ = _qkv(1, 2, 300, 300, 16, torch.float32, seed=3)
+    k = k + torch.linspace(0, 3, 300).view(1, 1, -1, 1)  # smooth keys: caps and pooled levels vary
+    ref = mask_builder.build_block_mask(q * 2, k, cfg, text_len=40)
+    monkeypatch.setattr(mask_builder, "_on_triton", lambda q, k, what: True)  # CPU tensors, interpreted kernels
+    got = mask_builder.build_block_mask(q * 2, k, cfg, text_len=40)
+    assert len(torch.unique(ref.kv_counts[..., 1:])) > 1  # pooled levels are in use
+    assert torch.equal(got.kv_counts, ref.kv_counts.to(torch.int32))
+    assert torch.equal(got.kv_indices, ref.kv_indices.to(torch.int32))
+
+
 @pytest.mark.parametrize("d,bkv,length", [(16, 32, 203), (72, 64, 130)])
 def test_smoothness_and_caps_match_reference(d, bkv, length):
     from psa_diffusers.config import PSAConfig

@@ -17,19 +17,26 @@ says why. On CPU the kernels run under Triton's interpreter when
 """
 
 from ._triton import HAS_TRITON, INTERPRETED, triton_unsupported_reason
+from .allocation import allocate_levels_triton
 from .attention import psa_attention_triton
 from .importance import estimate_block_importance_triton
-from .levels import build_mask_triton
+from .levels import build_mask_triton, compact_levels_triton
+from .moments import pooled_logit_variance_triton
 from .pooling import pool_pyramid_triton
+from .pyramid_stats import estimate_pyramid_statistics_triton
 from .smoothness import block_smoothness_triton, similarity_caps_triton
 
 __all__ = [
     "HAS_TRITON",
+    "allocate_levels_triton",
     "block_smoothness_triton",
     "build_mask_triton",
+    "compact_levels_triton",
     "INTERPRETED",
     "estimate_block_importance_triton",
+    "estimate_pyramid_statistics_triton",
     "pool_pyramid_triton",
+    "pooled_logit_variance_triton",
     "psa_attention_triton",
     "similarity_caps_triton",
     "triton_unsupported_reason",

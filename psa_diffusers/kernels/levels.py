@@ -89,16 +89,47 @@ if HAS_TRITON:
         level = tl.where((jj >= NV) | (i >= QV), 1, level)
         real = jj < NK
 
-        # 5. group by level (1, 2, 4, 8, skipped), ascending ids inside a group; padding last
+        # 5. the compact mask
+        _store_compact(
+            level, jj, real, INDICES + b * sib + h * sih + i * siq, COUNTS + b * sob + h * soh + i * soq, NK, NKP
+        )
+
+    @triton.jit
+    def _store_compact(level, jj, real, INDICES_ROW, COUNTS_ROW, NK, NKP: tl.constexpr):
+        """Write one row of the compact mask from the levels ``level`` of blocks ``jj`` (``real``: inside Nk).
+
+        ``kv_indices`` grouped by level 1, 2, 4, 8, skipped, ascending ids inside a group (padding
+        last, not stored); ``kv_counts`` the sizes of the first four groups.
+        """
+        j = tl.arange(0, NKP)
         lrank = tl.where(level == 0, 4, tl.where(level == 1, 0, tl.where(level == 2, 1, tl.where(level == 4, 2, 3))))
         lrank = tl.where(real, lrank, 5)
         key2 = tl.sort(lrank * NKP + jj)
-        tl.store(INDICES + b * sib + h * sih + i * siq + j, key2 % NKP, mask=j < NK)
-        out = COUNTS + b * sob + h * soh + i * soq
-        tl.store(out + 0, tl.sum((real & (level == 1)).to(tl.int32), 0))
-        tl.store(out + 1, tl.sum((real & (level == 2)).to(tl.int32), 0))
-        tl.store(out + 2, tl.sum((real & (level == 4)).to(tl.int32), 0))
-        tl.store(out + 3, tl.sum((real & (level == 8)).to(tl.int32), 0))
+        tl.store(INDICES_ROW + j, key2 % NKP, mask=j < NK)
+        tl.store(COUNTS_ROW + 0, tl.sum((real & (level == 1)).to(tl.int32), 0))
+        tl.store(COUNTS_ROW + 1, tl.sum((real & (level == 2)).to(tl.int32), 0))
+        tl.store(COUNTS_ROW + 2, tl.sum((real & (level == 4)).to(tl.int32), 0))
+        tl.store(COUNTS_ROW + 3, tl.sum((real & (level == 8)).to(tl.int32), 0))
+
+    @triton.jit
+    def _compact_kernel(
+        LM, COUNTS, INDICES,
+        slb, slh, slq, sib, sih, siq, sob, soh, soq,
+        H, NQ, NK, NV, QV,
+        NKP: tl.constexpr,
+    ):  # fmt: skip
+        """One row of a level map -> forced text levels (step 4) -> its compact mask (step 5)."""
+        pid = tl.program_id(0)
+        i = pid % NQ
+        bh = pid // NQ
+        b = (bh // H).to(tl.int64)
+        h = (bh % H).to(tl.int64)
+        j = tl.arange(0, NKP)
+        level = tl.load(LM + b * slb + h * slh + i * slq + j, mask=j < NK, other=0).to(tl.int32)
+        level = tl.where((j >= NV) | (i >= QV), 1, level)
+        _store_compact(
+            level, j, j < NK, INDICES + b * sib + h * sih + i * siq, COUNTS + b * sob + h * soh + i * soq, NK, NKP
+        )
 
 
 def build_mask_triton(
@@ -151,3 +182,38 @@ def build_mask_triton(
         num_warps=4 if nkp <= 512 else 8,
     )  # fmt: skip
     return PyramidBlockMask(counts, indices, block_q=config.block_q, block_kv=config.block_kv)
+
+
+def compact_levels_triton(
+    level_map: torch.Tensor,
+    *,
+    block_q: int,
+    block_kv: int,
+    num_kv_blocks: int | None = None,
+    num_q_blocks: int | None = None,
+) -> PyramidBlockMask:
+    """The compact mask of ``level_map`` ``[B, H, Nq, Nk]`` (integer, values in {0, 1, 2, 4, 8}), in one launch.
+
+    KV blocks from ``num_kv_blocks`` on and query rows from ``num_q_blocks`` on (text) are set to
+    level 1 first. Same result as forcing those levels and calling ``PyramidBlockMask._compact``.
+    """
+    if level_map.dim() != 4 or level_map.is_floating_point():
+        raise ValueError(f"level_map must be an integer [B, H, Nq, Nk] tensor, got {level_map.dtype} "
+                         f"{tuple(level_map.shape)}")  # fmt: skip
+    if not HAS_TRITON or (level_map.device.type != "cuda" and not INTERPRETED):
+        raise ValueError(f"Triton path unavailable for a tensor on {level_map.device}")
+    b, h, nq, nk = level_map.shape
+    nv = nk if num_kv_blocks is None else max(0, min(int(num_kv_blocks), nk))
+    qv = nq if num_q_blocks is None else max(0, min(int(num_q_blocks), nq))
+    lm = level_map if level_map.stride(-1) == 1 else level_map.contiguous()
+    counts = _triton.new_output((b, h, nq, 4), dtype=torch.int32, device=lm.device)
+    indices = _triton.new_output((b, h, nq, nk), dtype=torch.int32, device=lm.device)
+    nkp = max(16, next_power_of_2(nk))
+    _compact_kernel[(b * h * nq,)](
+        lm, counts, indices,
+        lm.stride(0), lm.stride(1), lm.stride(2), indices.stride(0), indices.stride(1), indices.stride(2),
+        counts.stride(0), counts.stride(1), counts.stride(2),
+        h, nq, nk, nv, qv,
+        NKP=nkp, num_warps=4 if nkp <= 512 else 8,
+    )  # fmt: skip
+    return PyramidBlockMask(counts, indices, block_q=block_q, block_kv=block_kv)
