@@ -7,8 +7,8 @@ For the Wan2.1-1.3B shape (B=1, H=12, 256x256 blocks) and the CogVideoX shape (B
 from ``estimate_pyramid_statistics`` on ``structured_gpu`` inputs, the row budget of
 ``row_budget(density, ...)``: prints the share of equal levels, the largest row cost over
 its budget, the modelled error ``(s + W**2) / (1 - W)**2`` of both maps, and
-``triton.testing.do_bench`` medians (ms) of both. ``--sweep 1x1,2x1,1x2`` also times the kernel
-at each ``num_warps x SEARCH_BITS`` (``kernels.allocation._launch_config``), with its equality.
+``triton.testing.do_bench`` medians (ms) of both. ``--sweep 1,2,4`` also times the kernel at
+each ``num_warps`` (``kernels.allocation._num_warps``), with its equality.
 """
 
 from __future__ import annotations
@@ -69,23 +69,23 @@ def case(name, q, k, text, density, sweep=()):
         f"reference {t_ref:.3f} ms, kernel {t_out:.4f} ms",
         flush=True,
     )
-    default = allocation_kernel._launch_config
-    for warps, bits in sweep:
-        allocation_kernel._launch_config = lambda nkp, c=(warps, bits): c
+    default = allocation_kernel._num_warps
+    for warps in sweep:
+        allocation_kernel._num_warps = lambda nkp, w=warps: w
         try:
             alt = allocate_levels_triton(stats, budget, tokens, num_blocks=n)
             t = triton.testing.do_bench(lambda: allocate_levels_triton(stats, budget, tokens, num_blocks=n))
-            print(f"  num_warps={warps} SEARCH_BITS={bits}: equal {(alt == ref).float().mean().item():.6f}, {t:.4f} ms")
+            print(f"  num_warps={warps}: equal {(alt == ref).float().mean().item():.6f}, {t:.4f} ms")
         finally:
-            allocation_kernel._launch_config = default
+            allocation_kernel._num_warps = default
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--density", type=float, default=0.15)
-    parser.add_argument("--sweep", default="", help="num_warps x SEARCH_BITS configurations, e.g. 1x1,2x1,1x2")
+    parser.add_argument("--sweep", default="", help="num_warps values to time, e.g. 1,2,4")
     args = parser.parse_args()
-    sweep = [tuple(int(v) for v in c.split("x")) for c in args.sweep.split(",") if c]
+    sweep = [int(c) for c in args.sweep.split(",") if c]
     q, k, _ = structured_gpu(21, 30, 52, 12, 128)
     case("wan13", q, k, 0, args.density, sweep)
     del q, k

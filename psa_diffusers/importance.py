@@ -25,6 +25,8 @@ from typing import NamedTuple
 
 import torch
 
+from .config import LEVELS
+
 
 def sample_positions(seq_len: int, block: int, stride: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Strided sample positions and the block each belongs to: two int64 tensors ``[n_samples]``."""
@@ -97,7 +99,7 @@ def block_smoothness(k: torch.Tensor, *, block_kv: int) -> torch.Tensor:
 # is deterministic: no atomics (reductions over contiguous groups use reshape + sum, scatters
 # write unique positions), stable sorts for every selection.
 
-POOLED_LEVELS = (2, 4, 8)
+POOLED_LEVELS = LEVELS[1:]
 """Pooling factors whose within-group logit variance ``pooled_logit_variance`` reports."""
 
 

@@ -162,20 +162,21 @@ def _build_budget_mask(
     if video_kv_blocks == 0 or video_q_blocks == 0:
         level_map = torch.ones(shape, dtype=torch.int64, device=q.device)
         return PyramidBlockMask._compact(level_map, block_q=config.block_q, block_kv=config.block_kv)
+    on_gpu = _on_triton(q, k, "budget mode")
     if stats is None:
-        stats = estimate_statistics(q, k, config, scale)
+        stats = _statistics(q, k, config, scale, on_gpu)
     elif tuple(stats.mass.shape) != tuple(shape):
         raise ValueError(f"stats of shape {tuple(stats.mass.shape)} do not match {nq}x{nk} blocks")
-    tokens = block_sizes(lkv, config.block_kv, nk, q.device)
+    tokens = block_sizes(lkv, config.block_kv, nk, q.device).to(torch.int64)
     forced = lkv - video_kv_blocks * config.block_kv if text_len else 0  # text KV tokens: level 1 in every row
     budget = row_budget(config.target_density, lkv, forced)
-    if _on_triton(q, k, "budget allocation"):
+    if on_gpu:
         from .kernels import allocate_levels_triton, compact_levels_triton, similarity_caps_triton
 
         caps = None
         if config.sim_thresholds is not None:
             caps = similarity_caps_triton(k, block_kv=config.block_kv, thresholds=config.sim_thresholds)
-        level_map = allocate_levels_triton(stats, budget, tokens.to(torch.int64), num_blocks=video_kv_blocks, caps=caps)
+        level_map = allocate_levels_triton(stats, budget, tokens, num_blocks=video_kv_blocks, caps=caps)
         return compact_levels_triton(
             level_map,
             block_q=config.block_q,
@@ -204,8 +205,12 @@ def _on_triton(q: torch.Tensor, k: torch.Tensor, what: str) -> bool:
 
 def estimate_statistics(q: torch.Tensor, k: torch.Tensor, config: PSAConfig, scale: float | None) -> PyramidStats:
     """Budget-mode block statistics (``PyramidStats``): the Triton kernels where they can run, else PyTorch."""
+    return _statistics(q, k, config, scale, _on_triton(q, k, "budget-mode statistics"))
+
+
+def _statistics(q: torch.Tensor, k: torch.Tensor, config: PSAConfig, scale: float | None, on_gpu: bool) -> PyramidStats:
     kwargs = dict(block_q=config.block_q, block_kv=config.block_kv, scale=scale)
-    if _on_triton(q, k, "budget-mode statistics"):
+    if on_gpu:
         from .kernels import estimate_pyramid_statistics_triton, pooled_logit_variance_triton
 
         var = pooled_logit_variance_triton(q, k, **kwargs)

@@ -26,7 +26,6 @@ from psa_diffusers import kernels
 from psa_diffusers.allocation import COST_UNIT, OPTIONS, allocate_levels, error_tables
 from psa_diffusers.importance import PyramidStats, estimate_pyramid_statistics
 from psa_diffusers.kernels import _triton
-from psa_diffusers.kernels import allocation as allocation_kernel
 from psa_diffusers.kernels.allocation import allocate_levels_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() and not kernels.INTERPRETED else "cpu"
@@ -40,14 +39,6 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
     monkeypatch.setattr(_triton, "POISON_OUTPUTS", True)
-
-
-@pytest.fixture(params=[1], ids=lambda b: f"search{b}")
-def search_bits(request, monkeypatch):
-    """The default threshold search (1 bit a round, ``_launch_config``); wider searches: test_wider_searches."""
-    config = allocation_kernel._launch_config
-    monkeypatch.setattr(allocation_kernel, "_launch_config", lambda nkp: (config(nkp)[0], request.param))
-    return request.param
 
 
 def _structured_stats(batch: int) -> PyramidStats:
@@ -115,14 +106,14 @@ def _check(stats, budget, tokens, *, n=None, caps=None, **kw):
     return out, ref
 
 
-def test_structured_statistics_int_budget(search_bits):
+def test_structured_statistics_int_budget():
     stats = _structured_stats(batch=1)  # [1, 2, 2, 23]
     tokens = _tokens(23, 16, 8)
     out, _ = _check(stats, 900, tokens)  # ~30% of the 2944 of a dense row
     assert bool((out == 0).any()) and len(torch.unique(out)) >= 3
 
 
-def test_structured_statistics_caps_text_columns_and_row_budgets(search_bits):
+def test_structured_statistics_caps_text_columns_and_row_budgets():
     stats = PyramidStats(*(t[:, 1:] for t in _structured_stats(batch=2)))  # [2, 1, 2, 23]
     tokens = _tokens(23, 16, 8)
     g = torch.Generator().manual_seed(1)
@@ -141,7 +132,7 @@ def test_structured_statistics_caps_text_columns_and_row_budgets(search_bits):
         (29, 32, 25, [700, 10**9, 1, 3000]),
     ],
 )
-def test_random_statistics_row_budgets(nk, last, n, budgets, search_bits):
+def test_random_statistics_row_budgets(nk, last, n, budgets):
     stats = _random_stats(2, 1, 2, nk, seed=nk)
     tokens = _tokens(nk, 32, last)
     budget = torch.tensor(budgets, dtype=torch.int64).view(2, 1, 2).to(DEVICE)
@@ -154,21 +145,12 @@ def test_random_statistics_row_budgets(nk, last, n, budgets, search_bits):
 @pytest.mark.parametrize(
     "budget, iterations, start_loss", [(0, 2, 0.1), (3000, 1, 0.1), (2500, 4, 0.3), (10**12, 2, 0.0)]
 )
-def test_random_statistics_int_budgets_and_iterations(budget, iterations, start_loss, search_bits):
+def test_random_statistics_int_budgets_and_iterations(budget, iterations, start_loss):
     stats = _random_stats(1, 1, 2, 31, seed=iterations)
     _check(stats, budget, _tokens(31, 32, 17), iterations=iterations, start_loss=start_loss)
 
 
-@pytest.mark.parametrize("bits", [2, 3])
-def test_wider_searches(bits, monkeypatch):
-    """The K-way threshold search (an option of the launcher, not the default) on the tie and cap cases."""
-    config = allocation_kernel._launch_config
-    monkeypatch.setattr(allocation_kernel, "_launch_config", lambda nkp: (config(nkp)[0], bits))
-    test_exact_ties_follow_the_reference_order(bits)
-    test_structured_statistics_caps_text_columns_and_row_budgets(bits)
-
-
-def test_exact_ties_follow_the_reference_order(search_bits):
+def test_exact_ties_follow_the_reference_order():
     # every block alike except the best: all hull steps tie across blocks, the reference's stable
     # sort takes them block by block, and the budget runs out in the middle of a hull level
     nk = 24

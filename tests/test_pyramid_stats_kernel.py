@@ -153,21 +153,16 @@ def test_float32_pooled_means_option():
 @pytest.mark.parametrize(
     "config",
     [
-        {"topk": True},
         {"rank_warps": 4, "select_warps": 8, "exact_warps": 8, "exact_pairs": 3},
         {"split": 3, "BLOCK_N": 16},
-        {"reshape_sums": False},
     ],
-    ids=["topk", "warps", "split", "dot_sums"],
+    ids=["warps", "split"],
 )
 def test_config_variants_give_the_same_result(config):
-    """tl.topk rankings (bitwise equal), other warp counts, the key tiles over three programs."""
+    """Other warp counts, the key tiles over three programs."""
     q, k = _random(1, 1, 200, 300, 64, torch.float32, seed=11)
-    base = estimate_pyramid_statistics_triton(q, k, block_q=64, block_kv=32, refine_blocks=5, refine_groups=6)
     got = estimate_pyramid_statistics_triton(
         q, k, block_q=64, block_kv=32, refine_blocks=5, refine_groups=6, config=config
     )
-    if "topk" in config:
-        assert torch.equal(got.mass, base.mass) and torch.equal(got.sq_mass, base.sq_mass)
     ref = estimate_pyramid_statistics(q, k, block_q=64, block_kv=32, refine_blocks=5, refine_groups=6)
     assert _row_rel(got.mass, ref.mass) < 1e-4 and _row_rel(got.sq_mass, ref.sq_mass) < 1e-4

@@ -10,9 +10,9 @@ Each knapsack is the reference's greedy without its sort. Every block walks its 
 hull from option 0 (up to 4 steps, each with a rate: error removed per 1/8 token; the rates
 between its 10 pairs of options are divided once per solve). The greedy takes the steps by
 decreasing rate while the running cost fits, so it takes every step whose rate lies above
-some threshold, plus a prefix of the steps tied at it. The threshold is found by searching
-the int32 bit pattern of the (positive float32) rates: 31 bits in ``ceil(31 / SEARCH_BITS)``
-rounds of ``2**SEARCH_BITS - 1`` independent row sums each; the steps tied at it are then
+some threshold, plus a prefix of the steps tied at it. The threshold is found by bisecting
+the int32 bit pattern of the (positive float32) rates: 31 rounds of one row sum each (wider
+K-way rounds were measured 15-20% slower on an H100); the steps tied at it are then
 taken in the reference's stable-sort order (hull step, then block) by a cumulative sum,
 skipped when the cheapest tied step does not fit. No atomics: the result is deterministic
 and equals the reference's up to float32 rounding of the tables (``exp`` and summation order
@@ -29,7 +29,7 @@ import torch
 
 from ..importance import PyramidStats
 from . import _triton
-from ._triton import HAS_TRITON, INTERPRETED, next_power_of_2, tl, triton
+from ._triton import HAS_TRITON, INTERPRETED, last_dim_contiguous, next_power_of_2, tl, triton
 
 _MAX_BUDGET = 1 << 30
 """Budgets are clamped to this (1/8 tokens); a row costs at most ``8 * 128 * Nk``, far below it."""
@@ -138,7 +138,7 @@ if HAS_TRITON:
         return take_a, take_b, base + sum_a + tl.sum(t_b, 0)
 
     @triton.jit
-    def _solve(budget, e0a, e1a, e2a, e3a, e4a, full_a, e0b, e1b, e2b, e3b, e4b, full_b, SEARCH_BITS: tl.constexpr):
+    def _solve(budget, e0a, e1a, e2a, e3a, e4a, full_a, e0b, e1b, e2b, e3b, e4b, full_b):
         """``knapsack_options(err, cost, budget)`` for one row: the chosen option of every block, per chunk.
 
         The row's blocks come in two chunks a, b (b after a). e0..e4 float32: the error of options
@@ -151,26 +151,16 @@ if HAS_TRITON:
         targets_b = n0b | (n1b << 3) | (n2b << 6) | (n3b << 9)
         # the greedy takes the steps by decreasing rate while they fit: all steps with rate bits >= hi,
         # hi the smallest threshold >= 1 whose steps fit (positive floats order as their bits; steps
-        # that remove nothing have bits -1). Invariant: lo < hi* <= hi. Each round tries the
-        # 2**SEARCH_BITS - 1 thresholds lo + floor(t (hi - lo) / 2**SEARCH_BITS) (independent row
-        # sums) and keeps the bracket between the last that does not fit and the first that does,
-        # so ceil(31 / SEARCH_BITS) rounds take hi - lo from 0x7F800000 (above every finite rate) to 1.
+        # that remove nothing have bits -1). Invariant: lo < hi* <= hi; 31 halvings take hi - lo from
+        # 0x7F800000 (above every finite rate) to 1.
         lo = tl.sum(k0a * 0, 0)
         hi = lo + 0x7F800000
-        for _ in range((31 + SEARCH_BITS - 1) // SEARCH_BITS):
-            d = hi - lo
-            q = d >> SEARCH_BITS
-            r = d & ((1 << SEARCH_BITS) - 1)
-            new_lo = lo
-            new_hi = hi
-            for t in tl.static_range(1, 1 << SEARCH_BITS):
-                mid = lo + q * t + ((r * t) >> SEARCH_BITS)  # lo + floor(d * t / 2**SEARCH_BITS), in [lo, hi)
-                spent = _over(b0a, k0a, b1a, k1a, b2a, k2a, b3a, k3a, mid)
-                fits = spent + _over(b0b, k0b, b1b, k1b, b2b, k2b, b3b, k3b, mid) <= budget
-                new_hi = tl.where(fits & (mid > lo), tl.minimum(new_hi, mid), new_hi)
-                new_lo = tl.where(fits, new_lo, tl.maximum(new_lo, mid))
-            lo = new_lo
-            hi = new_hi
+        for _ in range(31):
+            mid = lo + ((hi - lo) >> 1)
+            spent = _over(b0a, k0a, b1a, k1a, b2a, k2a, b3a, k3a, mid)
+            fits = spent + _over(b0b, k0b, b1b, k1b, b2b, k2b, b3b, k3b, mid) <= budget
+            hi = tl.where(fits & (mid > lo), mid, hi)
+            lo = tl.where(fits, lo, mid)
         spent = _over(b0a, k0a, b1a, k1a, b2a, k2a, b3a, k3a, hi)
         room = budget - spent - _over(b0b, k0b, b1b, k1b, b2b, k2b, b3b, k3b, hi)
         # ... and of the steps tied at the rate it stopped at (bits lo = hi - 1), those whose running
@@ -254,7 +244,7 @@ if HAS_TRITON:
         sbb, sbh, sbq, scb, sch, scj, sob, soh, soq,
         H, NQ, NK, NV, BUDGET_INT, START_LOSS,
         BUDGET_TENSOR: tl.constexpr, HAS_CAPS: tl.constexpr, ROUNDS: tl.constexpr,
-        NKA: tl.constexpr, NKB: tl.constexpr, SEARCH_BITS: tl.constexpr,
+        NKA: tl.constexpr, NKB: tl.constexpr,
     ):  # fmt: skip
         pid = tl.program_id(0)
         i = (pid % NQ).to(tl.int64)
@@ -307,7 +297,7 @@ if HAS_TRITON:
             weight = tl.math.div_rn(2.0 * (loss + blur), tl.maximum(1.0 - loss, 0.05))
             e0a, e1a, e2a, e3a, e4a = _errors(x0a, x1a, x2a, x3a, x4a, s0a, s1a, s2a, s3a, w0a, w1a, w2a, w3a, weight)
             e0b, e1b, e2b, e3b, e4b = _errors(x0b, x1b, x2b, x3b, x4b, s0b, s1b, s2b, s3b, w0b, w1b, w2b, w3b, weight)
-            c_a, c_b = _solve(budget, e0a, e1a, e2a, e3a, e4a, full_a, e0b, e1b, e2b, e3b, e4b, full_b, SEARCH_BITS)
+            c_a, c_b = _solve(budget, e0a, e1a, e2a, e3a, e4a, full_a, e0b, e1b, e2b, e3b, e4b, full_b)
             if it < ROUNDS - 1:
                 loss = _pick(c_a, w0a, w1a, w2a, w3a) + _pick(c_b, w0b, w1b, w2b, w3b)
                 blur = _pick(c_a, s0a, s1a, s2a, s3a) + _pick(c_b, s0b, s1b, s2b, s3b)
@@ -323,19 +313,14 @@ def _chunks(nk: int) -> tuple[int, int]:
     return a, max(8, next_power_of_2(nk - a))
 
 
-def _launch_config(nkp: int) -> tuple[int, int]:
-    """(num_warps, SEARCH_BITS) for rows of ``nkp`` (both chunks) blocks.
+def _num_warps(nkp: int) -> int:
+    """Warps per row of ``nkp`` (both chunks) blocks.
 
     One warp per row up to 256 blocks: a row reduction is then in-warp only (no shared memory,
     no barrier). On an H100 (``benchmarks/allocation.py --sweep``) 2 warps were 5% slower at 256
-    and 2% at 144 blocks, and 2 search bits a round (3 sums, 16 rounds) 15-20% slower: the extra
-    compares cost more than the reduction latency of the 15 rounds saved.
+    and 2% at 144 blocks.
     """
-    return max(1, nkp // 256), 1
-
-
-def _last_contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
+    return max(1, nkp // 256)
 
 
 def allocate_levels_triton(
@@ -414,9 +399,9 @@ def allocate_levels_triton(
     out = _triton.new_output((b, h, nq, nk), dtype=torch.int64, device=device)
     if out.numel() == 0:
         return out
-    mass, sq = _last_contiguous(mass), _last_contiguous(sq)
+    mass, sq = last_dim_contiguous(mass), last_dim_contiguous(sq)
     nka, nkb = _chunks(nk)
-    num_warps, search_bits = _launch_config(nka + nkb)
+    num_warps = _num_warps(nka + nkb)
     _allocation_kernel[(b * h * nq,)](
         mass, sq, var, tokens, budget_t, caps_t, out,
         mass.stride(0), mass.stride(1), mass.stride(2), sq.stride(0), sq.stride(1), sq.stride(2),
@@ -425,7 +410,7 @@ def allocate_levels_triton(
         out.stride(0), out.stride(1), out.stride(2),
         h, nq, nk, nv, budget_int, float(start_loss),
         BUDGET_TENSOR=isinstance(budget, torch.Tensor), HAS_CAPS=caps is not None,
-        ROUNDS=max(1, iterations), NKA=nka, NKB=nkb, SEARCH_BITS=search_bits,
+        ROUNDS=max(1, iterations), NKA=nka, NKB=nkb,
         num_warps=num_warps, enable_fp_fusion=False,
     )  # fmt: skip
     return out

@@ -38,6 +38,13 @@ from ._triton import HAS_TRITON, INTERPRETED, next_power_of_2, tl, triton
 if HAS_TRITON:
 
     @triton.jit
+    def _row_of_program(NQ, H):
+        """``(i, b, h)`` of this program's query-block row (one program per row, rows in ``[B, H, Nq]`` order)."""
+        pid = tl.program_id(0)
+        bh = pid // NQ
+        return pid % NQ, (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+
+    @triton.jit
     def _levels_kernel(
         S, CAPS, COUNTS, INDICES,
         ssb, ssh, ssq, scb, sch, sib, sih, siq, sob, soh, soq,
@@ -45,11 +52,7 @@ if HAS_TRITON:
         B1, B2, B4, B8, T1, T2, T4, T8, NMIN,
         MASS: tl.constexpr, HAS_CAPS: tl.constexpr, NKP: tl.constexpr,
     ):  # fmt: skip
-        pid = tl.program_id(0)
-        i = pid % NQ
-        bh = pid // NQ
-        b = (bh // H).to(tl.int64)
-        h = (bh % H).to(tl.int64)
+        i, b, h = _row_of_program(NQ, H)
         j = tl.arange(0, NKP)
 
         # 1. stable descending sort of the competing blocks by one ascending sort of packed int64 keys:
@@ -119,11 +122,7 @@ if HAS_TRITON:
         NKP: tl.constexpr,
     ):  # fmt: skip
         """One row of a level map -> forced text levels (step 4) -> its compact mask (step 5)."""
-        pid = tl.program_id(0)
-        i = pid % NQ
-        bh = pid // NQ
-        b = (bh // H).to(tl.int64)
-        h = (bh % H).to(tl.int64)
+        i, b, h = _row_of_program(NQ, H)
         j = tl.arange(0, NKP)
         level = tl.load(LM + b * slb + h * slh + i * slq + j, mask=j < NK, other=0).to(tl.int32)
         level = tl.where((j >= NV) | (i >= QV), 1, level)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import torch
 
+from ..importance import POOLED_LEVELS
 from . import _triton
 from ._triton import (
     HAS_TRITON,
@@ -39,16 +40,13 @@ from ._triton import (
     triton,
 )
 
-FACTORS = (2, 4, 8)
-"""Pooling factors whose scatter is computed, in the order of the output's last axis."""
-
 if HAS_TRITON:
 
     @triton.jit
-    def _store_packed(OUT, m, offs_a, offs_b, HEAD_DIM: tl.constexpr, DOUBLE: tl.constexpr):
+    def _store_packed(OUT, m, offs, HEAD_DIM: tl.constexpr, DOUBLE: tl.constexpr):
         """Store the upper triangle of the symmetric ``[BLOCK_D, BLOCK_D]`` tile ``m``, row by row."""
-        a = offs_a[:, None]
-        b = offs_b[None, :]
+        a = offs[:, None]
+        b = offs[None, :]
         keep = (a <= b) & (b < HEAD_DIM)
         if DOUBLE:
             m = tl.where(a < b, 2.0 * m, m)
@@ -125,12 +123,12 @@ if HAS_TRITON:
                 c += tl.dot(tl.trans(tl.where(mine, d45, zero)), d45)
                 c += tl.dot(tl.trans(tl.where(mine, d67, zero)), d67)
                 out = OUT + pid_bh.to(tl.int64) * sob + blk.to(tl.int64) * son
-                _store_packed(out, c, offs_d, offs_d, HEAD_DIM, True)
+                _store_packed(out, c, offs_d, HEAD_DIM, True)
                 c += tl.dot(tl.trans(tl.where(mine, d03, zero)), d03)
                 c += tl.dot(tl.trans(tl.where(mine, d47, zero)), d47)
-                _store_packed(out + sof, c, offs_d, offs_d, HEAD_DIM, True)
+                _store_packed(out + sof, c, offs_d, HEAD_DIM, True)
                 c += tl.dot(tl.trans(tl.where(mine, d07, zero)), d07)
-                _store_packed(out + 2 * sof, c, offs_d, offs_d, HEAD_DIM, True)
+                _store_packed(out + 2 * sof, c, offs_d, HEAD_DIM, True)
 
     @triton.jit
     def _moment_kernel(
@@ -152,7 +150,7 @@ if HAS_TRITON:
             other=0.0,
         ).to(DOT_DTYPE)
         m = tl.dot(tl.trans(x), x)
-        _store_packed(OUT + pid_bh.to(tl.int64) * sob + blk.to(tl.int64) * son, m, offs_d, offs_d, HEAD_DIM, False)
+        _store_packed(OUT + pid_bh.to(tl.int64) * sob + blk.to(tl.int64) * son, m, offs_d, HEAD_DIM, False)
 
     @triton.jit
     def _trace_kernel(
@@ -195,7 +193,7 @@ def packed_size(head_dim: int) -> int:
 
 
 def _dot_dtype(dtype: torch.dtype):
-    if dtype == torch.float32 or (INTERPRETED and dtype == torch.bfloat16):
+    if dtype == torch.float32 or dot_upcast(dtype):
         return tl.float32  # the interpreter multiplies bf16 bit patterns as integers
     return tl.float16 if dtype == torch.float16 else tl.bfloat16
 
@@ -214,7 +212,7 @@ def block_moments_triton(x: torch.Tensor, *, block: int, centred: bool) -> torch
     x = last_dim_contiguous(x)
     n = cdiv(length, block)
     p = packed_size(d)
-    levels = len(FACTORS) if centred else 1
+    levels = len(POOLED_LEVELS) if centred else 1
     out_dtype = torch.float32 if x.dtype == torch.float32 else torch.bfloat16
     out = _triton.new_output((b * h, n, levels, p), dtype=out_dtype, device=x.device)
     if p > d * (d + 1) // 2:
@@ -260,8 +258,8 @@ def pooled_logit_variance_triton(
     scale = d**-0.5 if scale is None else float(scale)
     nq, nk = cdiv(lq, block_q), cdiv(lkv, block_kv)
     s_packed = block_moments_triton(q, block=block_q, centred=False).view(b * h, nq, -1)
-    c_packed = block_moments_triton(k, block=block_kv, centred=True).view(b * h, nk * len(FACTORS), -1)
-    nc = nk * len(FACTORS)
+    c_packed = block_moments_triton(k, block=block_kv, centred=True).view(b * h, nk * len(POOLED_LEVELS), -1)
+    nc = nk * len(POOLED_LEVELS)
     out = _triton.new_output((b * h, nq, nc), dtype=torch.float32, device=q.device)
     bm, bn, bk = (16, 32, 32) if INTERPRETED else (64, 128, 64)
     _trace_kernel[(cdiv(nq, bm), cdiv(nc, bn), b * h)](
@@ -271,4 +269,4 @@ def pooled_logit_variance_triton(
         BLOCK_Q=block_q, BLOCK_KV=block_kv, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
         UPCAST=dot_upcast(s_packed.dtype), num_warps=4, num_stages=1 if INTERPRETED else 3,
     )  # fmt: skip
-    return out.view(b, h, nq, nk, len(FACTORS))
+    return out.view(b, h, nq, nk, len(POOLED_LEVELS))

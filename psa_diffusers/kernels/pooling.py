@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from ..importance import POOLED_LEVELS
 from . import _triton
 from ._triton import (
     HAS_TRITON,
@@ -25,7 +26,6 @@ from ._triton import (
     triton,
 )
 
-POOLED_LEVELS = (2, 4, 8)
 _CHUNK = 64  # tokens per program: a multiple of 8, so every group of every level lies in one program
 
 

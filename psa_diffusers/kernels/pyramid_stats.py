@@ -20,9 +20,8 @@ block ``j``,
 (``bulk2`` is ``bulk`` in log2 units) with ``m`` the running max of the key tile that
 holds ``j``, also written (``MT``), and each share's max and sum, merged into the row's
 log-sum ``LSE`` by two small torch ops; so ``softmax mass = M1 * exp2(MT - LSE)`` and no
-second pass is needed. The per-block sums are reshapes + sums in float32 (``reshape_sums``,
-the default; the alternative is ``tl.dot`` with a 0/1 matrix, the operand split in a
-tf32-exact high part and a low part, ~2**-21 relative, twice as slow).
+second pass is needed. The per-block sums are reshapes + sums in float32 (a ``tl.dot`` with a
+0/1 matrix, split into tf32-exact parts, was twice as slow on an H100).
 
 The refinement is four launches, each writing small per-group arrays, none of size
 ``[Lq, T * group, D]``:
@@ -77,6 +76,8 @@ from ._triton import (
 _LOG2E = 1.4426950408889634
 
 if HAS_TRITON:
+    from .pooling import _pool_level  # group means over real tokens, shared with the pyramid pooling
+
     _TAKEN = tl.constexpr(-(2**63) + 1)  # below every packed selection key
 
     @triton.jit
@@ -84,50 +85,23 @@ if HAS_TRITON:
         X, Y, sxb, sxh, sxn, H, L, G,
         GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     ):  # fmt: skip
-        """Means of groups of GROUP consecutive tokens over real tokens only, stored in Y's dtype."""
+        """Means of groups of GROUP consecutive tokens over real tokens only, stored in Y's dtype (``[B*H, G, D]``)."""
         pid = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = (pid_bh // H).to(tl.int64)
         h = (pid_bh % H).to(tl.int64)
         offs_d = tl.arange(0, BLOCK_D)
-        dmask = offs_d < HEAD_DIM
-        g = pid * BLOCK_G + tl.arange(0, BLOCK_G)
-        total = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
-        for w in tl.static_range(GROUP):
-            pos = g * GROUP + w
-            total += tl.load(
-                X + b * sxb + h * sxh + pos[:, None].to(tl.int64) * sxn + offs_d[None, :],
-                mask=(pos < L)[:, None] & dmask[None, :],
-                other=0.0,
-            ).to(tl.float32)
-        cnt = tl.minimum(tl.maximum(L - g * GROUP, 1), GROUP).to(tl.float32)
-        y = total / cnt[:, None]
-        tl.store(
-            Y + (pid_bh.to(tl.int64) * G + g[:, None]) * HEAD_DIM + offs_d[None, :],
-            y.to(Y.dtype.element_ty),
-            mask=(g < G)[:, None] & dmask[None, :],
-        )
-
-    @triton.jit
-    def _split_tf32(x):
-        """``x`` as ``hi + lo`` with ``hi`` exact in tf32: two tf32 products then lose only ~2**-21 of x."""
-        hi = (x.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
-        return hi, x - hi
-
-    @triton.jit
-    def _block_sums(x, S):
-        """``x @ S`` for an indicator matrix S, accurate to ~2**-21 relative even where tl.dot rounds to tf32."""
-        hi, lo = _split_tf32(x)
-        return tl.dot(hi, S) + tl.dot(lo, S)
+        _pool_level(X + b * sxb + h * sxh, Y + pid_bh.to(tl.int64) * G * HEAD_DIM, sxn, HEAD_DIM,
+                    pid * BLOCK_G * GROUP, L, 0, offs_d, offs_d < HEAD_DIM, GROUP, BLOCK_G, BLOCK_D)  # fmt: skip
 
     @triton.jit
     def _pooled_pass_kernel(
         QB, KB, BIAS, INVC, VAR, M1, M2, MT, PM, PL,
         GQ, GK, NQ, NK, NT, TPS, SPLIT, qk_scale,
-        GPQ: tl.constexpr, GPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KBP: tl.constexpr,
-        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, RESHAPE_SUMS: tl.constexpr,
+        GPQ: tl.constexpr, GPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
     ):  # fmt: skip
-        KBT: tl.constexpr = BLOCK_N // GPK  # KV blocks per key tile (KBP: that, padded to >= 16 for tl.dot)
+        KBT: tl.constexpr = BLOCK_N // GPK  # KV blocks per key tile
         pid = tl.program_id(0)
         bh = tl.program_id(1).to(tl.int64)
         split = tl.program_id(2)
@@ -142,9 +116,6 @@ if HAS_TRITON:
         if UPCAST:
             q = q.to(tl.float32)
         n = tl.arange(0, BLOCK_N)
-        kbp = tl.arange(0, KBP)
-        blocks = (n[:, None] // GPK == kbp[None, :]).to(tl.float32)  # [BLOCK_N, KBP]: key group -> its KV block
-        spread = (kbp[:, None] == n[None, :] // GPK).to(tl.float32)  # [KBP, BLOCK_N]: KV block -> its key groups
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         for t in range(split * TPS, tl.minimum(NT, split * TPS + TPS)):
@@ -159,37 +130,22 @@ if HAS_TRITON:
                 k = k.to(tl.float32)
             s = tl.dot(q, tl.trans(k)) * qk_scale
             bias = tl.load(BIAS + cols, mask=kval, other=float("-inf"))  # log2 of the count, -inf when empty
-            if RESHAPE_SUMS:  # per-block sums and spreads by reshapes (exact float32 adds) instead of tl.dot
-                kt = t * KBT + tl.arange(0, KBT)
-                omask = gval[:, None] & (kt < NK)[None, :]
-                v = tl.load(VAR + (bh * NQ + qi[:, None]) * NK + kt[None, :], mask=omask, other=0.0)
-                v = v * (0.5 * 1.4426950408889634)
-                s = (
-                    s
-                    + bias[None, :]
-                    + tl.reshape(tl.broadcast_to(v[:, :, None], (BLOCK_M, KBT, GPK)), (BLOCK_M, BLOCK_N))
-                )
-            else:
-                kj = t * KBT + kbp
-                omask = gval[:, None] & ((kbp < KBT) & (kj < NK))[None, :]
-                v = tl.load(VAR + (bh * NQ + qi[:, None]) * NK + kj[None, :], mask=omask, other=0.0)
-                s = s + bias[None, :] + _block_sums(v * (0.5 * 1.4426950408889634), spread)
+            # per-block terms spread to their key groups, and per-block sums, by reshapes (exact float32 adds)
+            kt = t * KBT + tl.arange(0, KBT)
+            omask = gval[:, None] & (kt < NK)[None, :]
+            v = tl.load(VAR + (bh * NQ + qi[:, None]) * NK + kt[None, :], mask=omask, other=0.0)
+            v = v * (0.5 * 1.4426950408889634)
+            s = s + bias[None, :] + tl.reshape(tl.broadcast_to(v[:, :, None], (BLOCK_M, KBT, GPK)), (BLOCK_M, BLOCK_N))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_new = tl.where(m_new == float("-inf"), 0.0, m_new)  # a tile of empty groups only
             p = tl.math.exp2(s - m_new[:, None])
             l_i = l_i * tl.math.exp2(m_i - m_new) + tl.sum(p, 1)
             m_i = m_new
             invc = tl.load(INVC + cols, mask=kval, other=0.0)
-            if RESHAPE_SUMS:
-                b1 = tl.sum(tl.reshape(p, (BLOCK_M, KBT, GPK)), axis=2)  # [BLOCK_M, KBT]
-                b2 = tl.sum(tl.reshape(p * p * invc[None, :], (BLOCK_M, KBT, GPK)), axis=2)
-                tl.store(M1 + (bh * GQ + g[:, None]) * NK + kt[None, :], b1, mask=omask)
-                tl.store(M2 + (bh * GQ + g[:, None]) * NK + kt[None, :], b2, mask=omask)
-            else:
-                b1 = _block_sums(p, blocks)  # [BLOCK_M, KBP]
-                b2 = _block_sums(p * p * invc[None, :], blocks)
-                tl.store(M1 + (bh * GQ + g[:, None]) * NK + kj[None, :], b1, mask=omask)
-                tl.store(M2 + (bh * GQ + g[:, None]) * NK + kj[None, :], b2, mask=omask)
+            b1 = tl.sum(tl.reshape(p, (BLOCK_M, KBT, GPK)), axis=2)  # [BLOCK_M, KBT]
+            b2 = tl.sum(tl.reshape(p * p * invc[None, :], (BLOCK_M, KBT, GPK)), axis=2)
+            tl.store(M1 + (bh * GQ + g[:, None]) * NK + kt[None, :], b1, mask=omask)
+            tl.store(M2 + (bh * GQ + g[:, None]) * NK + kt[None, :], b2, mask=omask)
             tl.store(MT + (bh * GQ + g) * NT + t, m_new, mask=gval)
         tl.store(PM + (bh * GQ + g) * SPLIT + split, m_i, mask=gval)  # this split's max and sum
         tl.store(PL + (bh * GQ + g) * SPLIT + split, l_i, mask=gval)
@@ -206,7 +162,7 @@ if HAS_TRITON:
         M1, MT, LSE, TOP, NONTOP,
         LQ, GQ, NQ, NK, NT,
         GROUP: tl.constexpr, GPQ: tl.constexpr, KBT: tl.constexpr, M: tl.constexpr, MP: tl.constexpr,
-        BLOCK_NK: tl.constexpr, USE_TOPK: tl.constexpr,
+        BLOCK_NK: tl.constexpr,
     ):  # fmt: skip
         """Per query block: its KV blocks ranked by pooled mass (top M), and each query group's unranked mass."""
         qblk = tl.program_id(0)
@@ -225,17 +181,12 @@ if HAS_TRITON:
         rkey = (row_mass.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (BLOCK_NK - 1 - jj)
         rkey = tl.where(jval, rkey, -1)
         om = tl.arange(0, MP)
-        if USE_TOPK:  # one bitonic top-k (sorted, best first)
-            best = tl.topk(rkey, MP)
-            top = (BLOCK_NK - 1 - (best & 0xFFFFFFFF)).to(tl.int32)  # entries from M on are unused
-            taken_j = rkey >= tl.sum(tl.where(om == M - 1, best, 0), 0)
-        else:  # M passes of argmax
-            top = tl.zeros([MP], dtype=tl.int32)
-            for p in tl.static_range(M):
-                best = tl.max(rkey, 0)
-                rkey = tl.where(rkey == best, -1, rkey)
-                top = tl.where(om == p, (BLOCK_NK - 1 - (best & 0xFFFFFFFF)).to(tl.int32), top)
-            taken_j = rkey == -1
+        top = tl.zeros([MP], dtype=tl.int32)  # M passes of argmax (tl.topk was no faster on an H100)
+        for p in tl.static_range(M):
+            best = tl.max(rkey, 0)
+            rkey = tl.where(rkey == best, -1, rkey)
+            top = tl.where(om == p, (BLOCK_NK - 1 - (best & 0xFFFFFFFF)).to(tl.int32), top)
+        taken_j = rkey == -1
         tl.store(TOP + (bh * NQ + qblk) * MP + om, top)
         out = jval & ~taken_j
         for og in range(0, GPQ):  # pooled mass of the unranked blocks, per query group
@@ -253,7 +204,7 @@ if HAS_TRITON:
         GQ, GK, NQ, NK, qk_scale,
         GPQ: tl.constexpr, GPQP: tl.constexpr, GPK: tl.constexpr,
         M: tl.constexpr, MP: tl.constexpr, T: tl.constexpr, TP: tl.constexpr,
-        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, USE_TOPK: tl.constexpr,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
     ):  # fmt: skip
         """Per query block: each query group's key groups among the ranked blocks', and its unpicked pooled mass."""
         LOG2E: tl.constexpr = 1.4426950408889634
@@ -294,17 +245,12 @@ if HAS_TRITON:
         skey = (okey.to(tl.int64) << 32) | (NC - 1 - c)[None, :]
         skey = tl.where(cpos[None, :], skey, _TAKEN)
         ot = tl.arange(0, TP)
-        if USE_TOPK:
-            best = tl.topk(skey, TP, dim=1)  # [GPQP, TP], best first
-            pick = (NC - 1 - (best & 0xFFFFFFFF)).to(tl.int32)  # entries from T on are unused
-            picked = skey >= tl.sum(tl.where(ot[None, :] == T - 1, best, 0), 1)[:, None]
-        else:
-            pick = tl.zeros([GPQP, TP], dtype=tl.int32)
-            for tau in tl.static_range(T):
-                best = tl.max(skey, 1)
-                skey = tl.where(skey == best[:, None], _TAKEN, skey)
-                pick = tl.where(ot[None, :] == tau, (NC - 1 - (best & 0xFFFFFFFF)).to(tl.int32)[:, None], pick)
-            picked = skey == _TAKEN
+        pick = tl.zeros([GPQP, TP], dtype=tl.int32)  # T passes of argmax per query group
+        for tau in tl.static_range(T):
+            best = tl.max(skey, 1)
+            skey = tl.where(skey == best[:, None], _TAKEN, skey)
+            pick = tl.where(ot[None, :] == tau, (NC - 1 - (best & 0xFFFFFFFF)).to(tl.int32)[:, None], pick)
+        picked = skey == _TAKEN
         vc = tl.load(VAR + (bh * NQ + qblk) * NK + cblk, mask=cpos, other=0.0)
         bias_c = tl.load(BIAS + cgrp, mask=ckval, other=float("-inf"))
         unsel = gval[:, None] & cpos[None, :] & ~picked & ckval[None, :]
@@ -457,14 +403,12 @@ def _config(head_dim: int, gpk: int) -> dict[str, int]:
         "BLOCK_N": max(bn, gpk, 16),
         "num_warps": warps,
         "num_stages": stages,
-        "reshape_sums": True,  # pooled pass: block sums by reshape + sum instead of tl.dot with a 0/1 matrix
         "rank_warps": 1,
         "select_warps": 4,
         "exact_warps": 4,
         "exact_pairs": 1,  # tiles of query groups per exact-logit program
         "exact_stages": 1,
         "assemble_warps": 4,
-        "topk": False,  # tl.topk for the two rankings instead of passes of argmax: same result, no faster on an H100
         "pooled_fp32": False,
         "split": 0,  # key-tile splits of the pooled pass; 0: automatic
     }
@@ -516,9 +460,8 @@ def _pooled_pass(qbar, kbar, bias, invc, var_g, *, block_q: int, block_kv: int, 
     _pooled_pass_kernel[(cdiv(gq, cfg["BLOCK_M"]), b * h, split)](
         qbar, kbar, bias, invc, var_g, m1, m2, mt, pm, pl,
         gq, gk, nq, nk, nt, tps, split, cfg["qk_scale"],
-        GPQ=gpq, GPK=gpk, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=bn, KBP=max(16, bn // gpk), HEAD_DIM=d,
-        BLOCK_D=next_power_of_2(d),
-        UPCAST=dot_upcast(qbar.dtype), RESHAPE_SUMS=bool(cfg["reshape_sums"]),
+        GPQ=gpq, GPK=gpk, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=bn, HEAD_DIM=d, BLOCK_D=next_power_of_2(d),
+        UPCAST=dot_upcast(qbar.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
     top = pm.amax(-1, keepdim=True)  # finite: split 0 holds a real key group
@@ -550,12 +493,11 @@ def _refine(
     bnk = next_power_of_2(nk)
     dev = q.device
     bh = b * h
-    use_topk = bool(cfg["topk"]) and hasattr(tl, "topk") and mp <= bnk
     top = _triton.new_output((bh, nq, mp), dtype=torch.int32, device=dev)
     nontop = _triton.new_output((bh, gq), dtype=torch.float32, device=dev)
     _rank_kernel[(nq, bh)](
         m1, mt, lse, top, nontop, lq, gq, nq, nk, nt,
-        GROUP=group, GPQ=gpq, KBT=kbt, M=m, MP=mp, BLOCK_NK=bnk, USE_TOPK=use_topk,
+        GROUP=group, GPQ=gpq, KBT=kbt, M=m, MP=mp, BLOCK_NK=bnk,
         num_warps=cfg["rank_warps"], num_stages=1,
     )  # fmt: skip
     if upto < 1:
@@ -569,7 +511,7 @@ def _refine(
         qbar, kbar, bias, var_g, lse, top, nontop, sel, pos, rest, p1, p2,
         gq, gk, nq, nk, cfg["qk_scale"],
         GPQ=gpq, GPQP=gpqp, GPK=gpk, M=m, MP=mp, T=t_sel, TP=tp,
-        HEAD_DIM=d, BLOCK_D=next_power_of_2(d), UPCAST=dot_upcast(q.dtype), USE_TOPK=use_topk,
+        HEAD_DIM=d, BLOCK_D=next_power_of_2(d), UPCAST=dot_upcast(q.dtype),
         num_warps=cfg["select_warps"], num_stages=1,
     )  # fmt: skip
     if upto < 2:
