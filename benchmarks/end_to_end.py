@@ -27,15 +27,37 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from psa_diffusers.presets import get_preset  # noqa: E402
 
 WAN_1_3B = dict(
-    patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
-    text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
-    qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024,
+    patch_size=(1, 2, 2),
+    num_attention_heads=12,
+    attention_head_dim=128,
+    in_channels=16,
+    out_channels=16,
+    text_dim=4096,
+    freq_dim=256,
+    ffn_dim=8960,
+    num_layers=30,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    eps=1e-6,
+    rope_max_seq_len=1024,
 )
 WAN_14B = dict(WAN_1_3B, num_attention_heads=40, ffn_dim=13824, num_layers=40)
 COG_5B = dict(
-    num_attention_heads=48, attention_head_dim=64, in_channels=16, out_channels=16, time_embed_dim=512,
-    text_embed_dim=4096, num_layers=42, sample_width=90, sample_height=60, sample_frames=49, patch_size=2,
-    max_text_seq_length=226, use_rotary_positional_embeddings=True, norm_eps=1e-5, attention_bias=True,
+    num_attention_heads=48,
+    attention_head_dim=64,
+    in_channels=16,
+    out_channels=16,
+    time_embed_dim=512,
+    text_embed_dim=4096,
+    num_layers=42,
+    sample_width=90,
+    sample_height=60,
+    sample_frames=49,
+    patch_size=2,
+    max_text_seq_length=226,
+    use_rotary_positional_embeddings=True,
+    norm_eps=1e-5,
+    attention_bias=True,
 )
 
 
@@ -127,8 +149,9 @@ def attention_ms(case: Case, layers: int, forwards: int) -> float:
     h, d = case.config["num_attention_heads"], case.config["attention_head_dim"]
     q, k, v = (torch.randn(b, h, length, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-        ms = triton.testing.do_bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v),
-                                     return_mode="median")
+        ms = triton.testing.do_bench(
+            lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), return_mode="median"
+        )
     return ms * layers * forwards
 
 
@@ -165,17 +188,37 @@ def main(argv=None) -> int:
                 density = handle.mean_density()
             n, n_dense = preset.num_steps, preset.dense_steps
             run = n * dense_ms / (n_dense * dense_ms + (n - n_dense) * psa_ms)
-            rows.append((name, label, built_layers, depth_scale, dense_ms * depth_scale, psa_ms * depth_scale,
-                         dense_ms / psa_ms, attn / dense_ms, dense_mem, psa_mem, density, run, n, n_dense))
+            rows.append(
+                (
+                    name,
+                    label,
+                    built_layers,
+                    depth_scale,
+                    dense_ms * depth_scale,
+                    psa_ms * depth_scale,
+                    dense_ms / psa_ms,
+                    attn / dense_ms,
+                    dense_mem,
+                    psa_mem,
+                    density,
+                    run,
+                    n,
+                    n_dense,
+                )
+            )
         del model, x
         torch.cuda.empty_cache()
-    print(f"{'model':<18} {'budget':<16} {'layers':>6} {'dense ms':>9} {'PSA ms':>9} {'step x':>7} {'attn %':>7} "
-          f"{'peak GB d/PSA':>14} {'density':>8} {'run x':>6}  schedule")
+    print(
+        f"{'model':<18} {'budget':<16} {'layers':>6} {'dense ms':>9} {'PSA ms':>9} {'step x':>7} {'attn %':>7} "
+        f"{'peak GB d/PSA':>14} {'density':>8} {'run x':>6}  schedule"
+    )
     for r in rows:
         name, label, built, scale, d_ms, p_ms, speed, share, dm, pm, dens, run, n, nd = r
         shown = f"{built}" + (f"x{scale:.0f}" if scale != 1 else "")
-        print(f"{name:<18} {label:<16} {shown:>6} {d_ms:9.1f} {p_ms:9.1f} {speed:7.2f} {100 * share:6.1f}% "
-              f"{dm / 2**30:6.1f}/{pm / 2**30:<6.1f} {dens:8.3f} {run:6.2f}  {nd} dense of {n}")
+        print(
+            f"{name:<18} {label:<16} {shown:>6} {d_ms:9.1f} {p_ms:9.1f} {speed:7.2f} {100 * share:6.1f}% "
+            f"{dm / 2**30:6.1f}/{pm / 2**30:<6.1f} {dens:8.3f} {run:6.2f}  {nd} dense of {n}"
+        )
     return 0
 
 

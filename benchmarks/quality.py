@@ -42,8 +42,13 @@ SMALL_SHAPES = {
 }
 # quota budgets (full, 2x, 4x, 8x) scaled to sweep density from about 0.05 to 0.3
 QUOTA_SWEEP = [tuple(round(f * s, 4) for s in (0.10, 0.05, 0.05, 0.20)) for f in (0.25, 0.4, 0.6, 0.8, 1.0, 1.3, 1.7)]
-MASS_SWEEP = [(0.3, 0.4, 0.5, 0.6), (0.5, 0.6, 0.7, 0.8), (0.6, 0.7, 0.8, 0.9), (0.7, 0.8, 0.9, 0.95),
-              (0.8, 0.9, 0.95, 0.98)]
+MASS_SWEEP = [
+    (0.3, 0.4, 0.5, 0.6),
+    (0.5, 0.6, 0.7, 0.8),
+    (0.6, 0.7, 0.8, 0.9),
+    (0.7, 0.8, 0.9, 0.95),
+    (0.8, 0.9, 0.95, 0.98),
+]
 BUDGET_SWEEP = [0.05, 0.075, 0.1, 0.15, 0.2, 0.3]  # target densities of mode="budget"
 MODES = ("quota", "mass", "budget")
 TARGET_RATIO = 0.8  # issue 7: budget-mode error at most 0.8x binary-oracle's at every density 0.05-0.3
@@ -123,12 +128,28 @@ def plot(points: list[Point], plot_dir: Path) -> None:
             modes = sorted({p.mode for p in sel})
             for i, mode in enumerate(modes):  # PSA: one line per level-allocation mode
                 own = [p for p in sel if p.mode == mode]
-                ax.plot([p.density for p in own], [p.psa for p in own], style, marker="o", ms=3,
-                        color=f"C{3 + i}" if i else "C0", label=f"PSA {mode}, {where}")
-            for attr, label, colour in (("binary_same", "binary (same importance)", "C1"),
-                                        ("binary_oracle", "binary (oracle mass)", "C2")):
-                ax.plot([p.density for p in sel], [getattr(p, attr) for p in sel], style, marker="o", ms=3,
-                        color=colour, label=f"{label}, {where}")
+                ax.plot(
+                    [p.density for p in own],
+                    [p.psa for p in own],
+                    style,
+                    marker="o",
+                    ms=3,
+                    color=f"C{3 + i}" if i else "C0",
+                    label=f"PSA {mode}, {where}",
+                )
+            for attr, label, colour in (
+                ("binary_same", "binary (same importance)", "C1"),
+                ("binary_oracle", "binary (oracle mass)", "C2"),
+            ):
+                ax.plot(
+                    [p.density for p in sel],
+                    [getattr(p, attr) for p in sel],
+                    style,
+                    marker="o",
+                    ms=3,
+                    color=colour,
+                    label=f"{label}, {where}",
+                )
         ax.set_xlabel("FLOP density")
         ax.set_ylabel("relative L2 error vs dense")
         ax.set_yscale("log")
@@ -153,8 +174,10 @@ def main(argv=None) -> int:
     table = SMALL_SHAPES if args.small else SHAPES
     names = args.shapes or list(table)
     print(f"device {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, inputs {dtype}, blocks 128x128")
-    print(f"{'shape':<12} {'seed':>4} {'order':<8} {'mode':<6} {'budgets':<30} {'density':>8} "
-          f"{'PSA':>8} {'bin-same':>8} {'bin-orc':>8} {'PSA/orc':>7}")
+    print(
+        f"{'shape':<12} {'seed':>4} {'order':<8} {'mode':<6} {'budgets':<30} {'density':>8} "
+        f"{'PSA':>8} {'bin-same':>8} {'bin-orc':>8} {'PSA/orc':>7}"
+    )
     points = []
     for name in names:
         grid, heads, dim = table[name]
@@ -163,17 +186,21 @@ def main(argv=None) -> int:
     if args.plot_dir:
         plot(points, args.plot_dir)
     worst = max(points, key=lambda p: p.psa / p.binary_oracle)
-    print(f"worst PSA/oracle ratio {worst.psa / worst.binary_oracle:.2f} at {worst.shape} seed {worst.seed} "
-          f"{worst.order} {worst.mode} {worst.budgets} density {worst.density:.3f}")
+    print(
+        f"worst PSA/oracle ratio {worst.psa / worst.binary_oracle:.2f} at {worst.shape} seed {worst.seed} "
+        f"{worst.order} {worst.mode} {worst.budgets} density {worst.density:.3f}"
+    )
     for mode in args.modes:
         sel = [p for p in points if p.mode == mode and 0.05 - 0.005 <= p.density <= 0.3]
         if not sel:
             continue
         worst = max(sel, key=lambda p: p.psa / p.binary_oracle)
         fails = [p for p in sel if p.psa > TARGET_RATIO * p.binary_oracle]
-        print(f"{mode}: worst PSA/oracle {worst.psa / worst.binary_oracle:.3f} over densities 0.05-0.3 "
-              f"({worst.shape} seed {worst.seed} {worst.order} density {worst.density:.3f}); "
-              f"{len(sel) - len(fails)}/{len(sel)} points at most {TARGET_RATIO}x oracle")
+        print(
+            f"{mode}: worst PSA/oracle {worst.psa / worst.binary_oracle:.3f} over densities 0.05-0.3 "
+            f"({worst.shape} seed {worst.seed} {worst.order} density {worst.density:.3f}); "
+            f"{len(sel) - len(fails)}/{len(sel)} points at most {TARGET_RATIO}x oracle"
+        )
     return 0
 
 

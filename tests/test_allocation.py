@@ -107,6 +107,22 @@ def test_statistics_rows_sum_to_one_and_track_the_exact_mass(qkv, stats):
     assert (stats.mass.gather(-1, top).sum(-1) - exact.gather(-1, top).sum(-1)).abs().max() < 0.1
 
 
+@pytest.mark.parametrize("lq, lkv", [(200, 200), (130, 75)])
+def test_statistics_are_exact_when_the_refinement_covers_every_key(lq, lkv):
+    """With every KV block ranked and every key group refined, no pooled value is left: mass and squared
+    mass must equal the brute-force softmax's (float32 sums, tolerance 1e-5)."""
+    g = torch.Generator().manual_seed(lq + lkv)
+    q, k = (torch.randn(2, 3, n, 16, generator=g) for n in (lq, lkv))
+    bq, bkv = 32, 16
+    st = estimate_pyramid_statistics(q, k, block_q=bq, block_kv=bkv, refine_blocks=99, refine_groups=999)
+    p = torch.softmax(q @ k.transpose(-1, -2) / 4.0, dim=-1)  # [2, 3, Lq, Lkv]
+    nq, nk = -(-lq // bq), -(-lkv // bkv)
+    p = torch.nn.functional.pad(p, (0, nk * bkv - lkv, 0, nq * bq - lq)).view(2, 3, nq, bq, nk, bkv)
+    n_q = (lq - torch.arange(nq) * bq).clamp(max=bq).float().view(nq, 1)
+    assert torch.allclose(st.mass, p.sum((3, 5)) / n_q, atol=1e-5)
+    assert torch.allclose(st.sq_mass, p.square().sum((3, 5)), atol=1e-5)
+
+
 # ---------------------------------------------------------------- knapsack
 
 

@@ -19,7 +19,7 @@ def test_level_map_round_trip(b, h, nq, nk, seed):
     assert torch.equal(m.kv_counts.long(), torch.stack([(lm == s).sum(-1) for s in (1, 2, 4, 8)], -1))
     assert torch.equal(m.kv_indices.sort(-1).values.long(), torch.arange(nk).expand(b, h, nq, nk))
     ends = m.kv_counts.long().cumsum(-1)
-    for (bb, hh, ii) in [(0, 0, 0), (b - 1, h - 1, nq - 1)]:
+    for bb, hh, ii in [(0, 0, 0), (b - 1, h - 1, nq - 1)]:
         idx = m.kv_indices[bb, hh, ii].long()
         start = 0
         for g, s in enumerate((1, 2, 4, 8)):

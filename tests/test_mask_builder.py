@@ -76,8 +76,9 @@ def test_similarity_cap_limits_rough_blocks():
     s = block_smoothness(k, block_kv=64)
     assert torch.allclose(s[0, 0, 0], torch.ones(3)) and torch.all(s[0, 0, 1].abs() < 0.5)
     q = torch.randn(1, 1, 128, 16, generator=g)
-    cfg = PSAConfig(block_q=64, block_kv=64, budgets=(0.0, 0.0, 0.0, 1.0), min_full_share=0.0,
-                    sim_thresholds=(0.7, 0.65, 0.6))
+    cfg = PSAConfig(
+        block_q=64, block_kv=64, budgets=(0.0, 0.0, 0.0, 1.0), min_full_share=0.0, sim_thresholds=(0.7, 0.65, 0.6)
+    )
     lm = build_block_mask(q, k, cfg, importance=torch.tensor([[[[0.9, 0.1], [0.1, 0.9]]]])).to_level_map()
     # row 0: best block 0 at level 1, block 1 wants 8x but is rough -> capped to 1
     # row 1: best block 1 at level 1, block 0 wants 8x and is smooth -> stays 8

@@ -396,6 +396,8 @@ if HAS_TRITON:
 def _config(head_dim: int, gpk: int) -> dict[str, int]:
     if INTERPRETED:
         bm, bn, warps, stages = 16, 32, 4, 1
+    elif head_dim <= 64:  # measured on an H100 at [2, 48, 17776, 64]: 5% faster than 128 keys, 2 stages
+        bm, bn, warps, stages = 64, 256, 4, 3
     else:
         bm, bn, warps, stages = 64, 128, 4, 2
     return {
