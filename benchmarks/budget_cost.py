@@ -44,6 +44,30 @@ def dense_ms(q, k, v) -> tuple[float, torch.Tensor]:
     return bench(run), run()
 
 
+def floor_mask(q, k, budget: PSAConfig, text_len: int, stats):
+    """The budget mask without the refinement: logit variance, group means, pooled pass, allocation.
+
+    What any estimate of this design costs before it computes one exact logit: the bound the
+    refinement has to fit under. ``stats`` stands in for the refined statistics (same shapes).
+    """
+    from psa_diffusers.kernels import pyramid_stats as ps
+    from psa_diffusers.kernels.moments import pooled_logit_variance_triton
+
+    group, d = 8, q.shape[-1]
+    cfg = ps._config(d, budget.block_kv // group)
+    cfg["qk_scale"] = d**-0.5 * ps._LOG2E
+
+    def run():
+        var = pooled_logit_variance_triton(q, k, block_q=budget.block_q, block_kv=budget.block_kv)
+        qbar, kbar, bias, invc = ps._pooled_inputs(q, k, group, q.dtype)
+        var_g = var[..., ps.POOLED_LEVELS.index(group)].contiguous()
+        kw = dict(block_q=budget.block_q, block_kv=budget.block_kv, group=group, cfg=cfg)
+        ps._pooled_pass(qbar, kbar, bias, invc, var_g, **kw)
+        return build_block_mask(q, k, budget, text_len=text_len, stats=stats)
+
+    return run
+
+
 def measure(name: str) -> dict:
     q, k, v, text_len, _grid = make_inputs(name)
     t_dense, ref = dense_ms(q, k, v)
@@ -82,6 +106,7 @@ def measure(name: str) -> dict:
     except Exception as exc:  # the part timing is optional; the whole calls above are what counts
         row["variance_ms"] = float("nan")
         print(f"# variance timing skipped: {exc}", flush=True)
+    row["floor_ms"] = bench(floor_mask(q, k, budget, text_len, stats))
     # equal quality: the lowest budget density whose error is at most the quota preset's
     sweep = []
     for d in SWEEP:
@@ -125,6 +150,12 @@ def report(rows: list[dict]) -> None:
             f"{r['whole_quota_ms']:.3f} ms | budget density {e['density']:.3f} err {e['err']:.4f} whole "
             f"{e['whole_ms']:.3f} ms -> {r['whole_quota_ms'] / e['whole_ms']:.2f}x faster, "
             f"{r['dense_ms'] / e['whole_ms']:.2f}x dense"
+        )
+    print("\nFloor: the budget mask without its refinement (variance, group means, pooled pass, allocation):")
+    for r in rows:
+        print(
+            f"  {r['shape']}: {r['floor_ms']:.3f} ms = {100 * r['floor_ms'] / r['dense_ms']:.1f}% of dense "
+            f"(whole mask {100 * r['mask_budget_ms'] / r['dense_ms']:.1f}%)"
         )
     for r in rows:
         print(f"  {r['shape']} sweep: " + ", ".join(f"{s['density']:.3f}:{s['err']:.4f}" for s in r["sweep"]))
