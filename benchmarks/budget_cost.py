@@ -50,19 +50,17 @@ def floor_mask(q, k, budget: PSAConfig, text_len: int, stats):
     What any estimate of this design costs before it computes one exact logit: the bound the
     refinement has to fit under. ``stats`` stands in for the refined statistics (same shapes).
     """
-    from psa_diffusers.kernels import pyramid_stats as ps
-    from psa_diffusers.kernels.moments import pooled_logit_variance_triton
+    from psa_diffusers.importance import group_logit_variance
+    from psa_diffusers.kernels import pooled_logit_variance_triton
+    from psa_diffusers.kernels.pyramid_stats import _pooled_stage
 
-    group, d = 8, q.shape[-1]
-    cfg = ps._config(d, budget.block_kv // group)
-    cfg["qk_scale"] = d**-0.5 * ps._LOG2E
+    blocks = dict(block_q=budget.block_q, block_kv=budget.block_kv)
+    group = 8  # estimate_pyramid_statistics_triton's default
 
     def run():
-        var = pooled_logit_variance_triton(q, k, block_q=budget.block_q, block_kv=budget.block_kv)
-        qbar, kbar, bias, invc = ps._pooled_inputs(q, k, group, q.dtype)
-        var_g = var[..., ps.POOLED_LEVELS.index(group)].contiguous()
-        kw = dict(block_q=budget.block_q, block_kv=budget.block_kv, group=group, cfg=cfg)
-        ps._pooled_pass(qbar, kbar, bias, invc, var_g, **kw)
+        var = pooled_logit_variance_triton(q, k, **blocks)
+        var_g = group_logit_variance(var, group).contiguous()
+        _pooled_stage(q, k, var_g, **blocks, group=group, scale=q.shape[-1] ** -0.5, config=None)
         return build_block_mask(q, k, budget, text_len=text_len, stats=stats)
 
     return run

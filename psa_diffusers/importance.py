@@ -26,6 +26,7 @@ from typing import NamedTuple
 import torch
 
 from .config import LEVELS
+from .mask import block_sizes
 
 
 def sample_positions(seq_len: int, block: int, stride: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,8 +153,8 @@ def pooled_logit_variance(
             raise ValueError(f"block_kv={block_kv} must be a multiple of the pooling factor {s}")
     qf = _pad_tokens(q.float(), nq * block_q).reshape(b * h, nq, block_q, d)
     kf = _pad_tokens(k.float(), nk * block_kv).reshape(b * h, nk * block_kv, d)
-    n_q = (lq - torch.arange(nq, device=q.device) * block_q).clamp(max=block_q).float()
-    n_k = (lkv - torch.arange(nk, device=q.device) * block_kv).clamp(max=block_kv).float()
+    n_q = block_sizes(lq, block_q, nq, q.device).float()
+    n_k = block_sizes(lkv, block_kv, nk, q.device).float()
     valid = (torch.arange(nk * block_kv, device=q.device) < lkv).float()
     norm = scale**2 / (n_q.view(nq, 1) * n_k.view(1, nk))
     out = torch.empty(b * h, nq, nk, len(POOLED_LEVELS), dtype=torch.float32, device=q.device)
@@ -170,6 +171,15 @@ def pooled_logit_variance(
             ck = (dev.transpose(-1, -2) @ dev).reshape(c1 - c0, nk, d * d)  # [c, Nk, D*D]
             out[c0:c1, ..., li] = (sq @ ck.transpose(-1, -2)) * norm
     return out.view(b, h, nq, nk, len(POOLED_LEVELS))
+
+
+def group_logit_variance(var: torch.Tensor, group: int) -> torch.Tensor:
+    """The ``[B, H, Nq, Nk]`` slice of a ``pooled_logit_variance`` result for groups of ``group`` keys.
+
+    Factor 8, the coarsest computed, stands in for larger groups.
+    """
+    li = POOLED_LEVELS.index(group) if group in POOLED_LEVELS else len(POOLED_LEVELS) - 1
+    return var[..., li]
 
 
 def estimate_pyramid_statistics(
@@ -216,15 +226,14 @@ def estimate_pyramid_statistics(
     dev_ = q.device
     if var is None:
         var = pooled_logit_variance(q, k, block_q=block_q, block_kv=block_kv, scale=scale)
-    li = POOLED_LEVELS.index(group) if group in POOLED_LEVELS else len(POOLED_LEVELS) - 1
-    var_g = var[..., li].reshape(b * h, nq, nk)
+    var_g = group_logit_variance(var, group).reshape(b * h, nq, nk)
     gpq, gpk = block_q // group, block_kv // group  # groups per query block / per KV block
     n_qg, n_kg = nq * gpq, nk * gpk  # padded group counts (whole blocks)
     # pooled queries and keys on the padded grid; counts of real tokens per group (0 for padding)
     qf = _pad_tokens(q.float(), n_qg * group).reshape(b * h, n_qg, group, d)
     kf = _pad_tokens(k.float(), n_kg * group).reshape(b * h, n_kg, group, d)
-    q_cnt = ((lq - torch.arange(n_qg, device=dev_) * group).clamp(min=0, max=group)).float()
-    k_cnt = ((lkv - torch.arange(n_kg, device=dev_) * group).clamp(min=0, max=group)).float()
+    q_cnt = block_sizes(lq, group, n_qg, dev_).float()
+    k_cnt = block_sizes(lkv, group, n_kg, dev_).float()
     q_valid = torch.arange(n_qg * group, device=dev_).view(n_qg, group) < lq
     k_valid = torch.arange(n_kg * group, device=dev_).view(n_kg, group) < lkv
     qbar = qf.sum(2) / q_cnt.clamp(min=1).view(1, n_qg, 1)
@@ -232,7 +241,7 @@ def estimate_pyramid_statistics(
     log_kc = torch.where(k_cnt > 0, k_cnt.clamp(min=1).log(), torch.full_like(k_cnt, -math.inf))
     m = min(refine_blocks, nk)
     t_sel = min(refine_groups, m * gpk)
-    n_q = (lq - torch.arange(nq, device=dev_) * block_q).clamp(max=block_q).float()
+    n_q = block_sizes(lq, block_q, nq, dev_).float()
     mass = torch.empty(b * h, nq, nk, dtype=torch.float32, device=dev_)
     sq_mass = torch.empty_like(mass)
     per_row = gpq * (n_kg + t_sel * group * (d + group))

@@ -29,8 +29,12 @@ def _ceil_div(a: int, b: int) -> int:
 
 def estimate_importance(q: torch.Tensor, k: torch.Tensor, config: PSAConfig, scale: float | None) -> torch.Tensor:
     """Sampled block mass ``[B, H, Nq, Nk]``: the Triton kernel where it can run, else the PyTorch reference."""
+    return _importance(q, k, config, scale, _on_triton(q, k, "importance estimate"))
+
+
+def _importance(q: torch.Tensor, k: torch.Tensor, config: PSAConfig, scale: float | None, on_gpu: bool):
     kwargs = dict(block_q=config.block_q, block_kv=config.block_kv, stride=config.importance_stride, scale=scale)
-    if _on_triton(q, k, "importance estimate"):
+    if on_gpu:
         from .kernels import estimate_block_importance_triton
 
         return estimate_block_importance_triton(q, k, **kwargs)
@@ -89,16 +93,22 @@ def similarity_caps(k: torch.Tensor, config: PSAConfig) -> torch.Tensor:
     return torch.where(allowed, factors, torch.ones_like(factors)).amax(-1)
 
 
-def _fused_mask(q, k, importance, config: PSAConfig, video_kv_blocks: int, video_q_blocks: int):
-    """The same mask from the fused Triton level builder, where it can run (CUDA); else None."""
-    if config.mode not in ("quota", "mass") or not _on_triton(q, k, "level builder"):
+def _caps(k: torch.Tensor, config: PSAConfig, on_gpu: bool) -> torch.Tensor | None:
+    """The similarity caps ``[B, H, Nk]`` (Triton kernel on the GPU), or None when the config has none."""
+    if config.sim_thresholds is None:
         return None
-    from .kernels import build_mask_triton, similarity_caps_triton
+    if on_gpu:
+        from .kernels import similarity_caps_triton
 
-    caps = None
-    if config.sim_thresholds is not None:
-        caps = similarity_caps_triton(k, block_kv=config.block_kv, thresholds=config.sim_thresholds)
-    return build_mask_triton(importance, config, num_kv_blocks=video_kv_blocks, num_q_blocks=video_q_blocks, caps=caps)
+        return similarity_caps_triton(k, block_kv=config.block_kv, thresholds=config.sim_thresholds)
+    return similarity_caps(k, config)
+
+
+def _force_text_and_compact(level_map: torch.Tensor, config: PSAConfig, video_kv_blocks: int, video_q_blocks: int):
+    """Text KV blocks and text query rows at level 1 (in place), then the compact mask."""
+    level_map[..., video_kv_blocks:] = 1
+    level_map[..., video_q_blocks:, :] = 1
+    return PyramidBlockMask._compact(level_map, block_q=config.block_q, block_kv=config.block_kv)
 
 
 def build_block_mask(
@@ -120,62 +130,57 @@ def build_block_mask(
     """
     lq, lkv = q.shape[2], k.shape[2]
     nq, nk = _ceil_div(lq, config.block_q), _ceil_div(lkv, config.block_kv)
-    if config.mode == "budget":
-        return _build_budget_mask(q, k, config, text_len=text_len, scale=scale, stats=stats)
-    if importance is None:
-        importance = estimate_importance(q, k, config, scale)
-    elif importance.shape[-2:] != (nq, nk):
+    if config.mode != "budget" and importance is not None and importance.shape[-2:] != (nq, nk):
         raise ValueError(f"importance of shape {tuple(importance.shape)} does not match {nq}x{nk} blocks")
     # KV blocks holding any text token, and query blocks holding any text token, are forced to level 1.
     video_kv_blocks = (lkv - text_len) // config.block_kv if text_len else nk
     video_q_blocks = (lq - text_len) // config.block_q if text_len else nq
     if video_kv_blocks == 0 or video_q_blocks == 0:
-        level_map = torch.ones(importance.shape, dtype=torch.int64, device=q.device)
+        level_map = torch.ones(q.shape[:2] + (nq, nk), dtype=torch.int64, device=q.device)
         return PyramidBlockMask._compact(level_map, block_q=config.block_q, block_kv=config.block_kv)
-    fused = _fused_mask(q, k, importance, config, video_kv_blocks, video_q_blocks)
-    if fused is not None:
-        return fused
+    on_gpu = _on_triton(q, k, f"{config.mode}-mode mask")
+    if config.mode == "budget":
+        return _build_budget_mask(q, k, config, text_len, scale, stats, on_gpu, video_kv_blocks, video_q_blocks)
+    if importance is None:
+        importance = _importance(q, k, config, scale, on_gpu)
+    caps = _caps(k, config, on_gpu)
+    if on_gpu:
+        from .kernels import build_mask_triton
+
+        return build_mask_triton(
+            importance, config, num_kv_blocks=video_kv_blocks, num_q_blocks=video_q_blocks, caps=caps
+        )
     level_map = levels_from_importance(importance, config, num_blocks=video_kv_blocks)
-    if config.sim_thresholds is not None:
-        caps = similarity_caps(k, config).unsqueeze(2)  # [B, H, 1, Nk]
-        level_map = torch.where(level_map > 0, torch.minimum(level_map, caps), level_map)
-    level_map[..., video_kv_blocks:] = 1
-    level_map[..., video_q_blocks:, :] = 1
-    return PyramidBlockMask._compact(level_map, block_q=config.block_q, block_kv=config.block_kv)
+    if caps is not None:
+        level_map = torch.where(level_map > 0, torch.minimum(level_map, caps.unsqueeze(2)), level_map)
+    return _force_text_and_compact(level_map, config, video_kv_blocks, video_q_blocks)
 
 
 def _build_budget_mask(
     q: torch.Tensor,
     k: torch.Tensor,
     config: PSAConfig,
-    *,
     text_len: int,
     scale: float | None,
     stats: PyramidStats | None,
+    on_gpu: bool,
+    video_kv_blocks: int,
+    video_q_blocks: int,
 ) -> PyramidBlockMask:
     """Budget mode: block statistics -> error-driven levels at ``config.target_density`` -> forced text."""
-    lq, lkv = q.shape[2], k.shape[2]
-    nq, nk = _ceil_div(lq, config.block_q), _ceil_div(lkv, config.block_kv)
-    video_kv_blocks = (lkv - text_len) // config.block_kv if text_len else nk
-    video_q_blocks = (lq - text_len) // config.block_q if text_len else nq
-    shape = q.shape[:2] + (nq, nk)
-    if video_kv_blocks == 0 or video_q_blocks == 0:
-        level_map = torch.ones(shape, dtype=torch.int64, device=q.device)
-        return PyramidBlockMask._compact(level_map, block_q=config.block_q, block_kv=config.block_kv)
-    on_gpu = _on_triton(q, k, "budget mode")
+    lkv = k.shape[2]
+    nq, nk = _ceil_div(q.shape[2], config.block_q), _ceil_div(lkv, config.block_kv)
     if stats is None:
         stats = _statistics(q, k, config, scale, on_gpu)
-    elif tuple(stats.mass.shape) != tuple(shape):
+    elif tuple(stats.mass.shape) != tuple(q.shape[:2]) + (nq, nk):
         raise ValueError(f"stats of shape {tuple(stats.mass.shape)} do not match {nq}x{nk} blocks")
     tokens = block_sizes(lkv, config.block_kv, nk, q.device).to(torch.int64)
     forced = lkv - video_kv_blocks * config.block_kv if text_len else 0  # text KV tokens: level 1 in every row
     budget = row_budget(config.target_density, lkv, forced)
+    caps = _caps(k, config, on_gpu)
     if on_gpu:
-        from .kernels import allocate_levels_triton, compact_levels_triton, similarity_caps_triton
+        from .kernels import allocate_levels_triton, compact_levels_triton
 
-        caps = None
-        if config.sim_thresholds is not None:
-            caps = similarity_caps_triton(k, block_kv=config.block_kv, thresholds=config.sim_thresholds)
         level_map = allocate_levels_triton(stats, budget, tokens, num_blocks=video_kv_blocks, caps=caps)
         return compact_levels_triton(
             level_map,
@@ -184,11 +189,8 @@ def _build_budget_mask(
             num_kv_blocks=video_kv_blocks,
             num_q_blocks=video_q_blocks,
         )
-    caps = similarity_caps(k, config) if config.sim_thresholds is not None else None
     level_map = allocate_levels(stats, budget, tokens, num_blocks=video_kv_blocks, caps=caps)
-    level_map[..., video_kv_blocks:] = 1
-    level_map[..., video_q_blocks:, :] = 1
-    return PyramidBlockMask._compact(level_map, block_q=config.block_q, block_kv=config.block_kv)
+    return _force_text_and_compact(level_map, config, video_kv_blocks, video_q_blocks)
 
 
 def _on_triton(q: torch.Tensor, k: torch.Tensor, what: str) -> bool:

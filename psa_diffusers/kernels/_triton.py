@@ -28,6 +28,9 @@ HAS_TRITON = triton is not None
 INTERPRETED = HAS_TRITON and os.environ.get("TRITON_INTERPRET", "0") == "1"
 """True when the kernels below were defined under ``TRITON_INTERPRET=1`` (they then run on CPU tensors)."""
 
+LOG2E = 1.4426950408889634
+"""log2(e): the kernels run their softmaxes in ``exp2`` with ``log2(e)`` folded into the scale."""
+
 MIN_HEAD_DIM = 16
 MAX_HEAD_DIM = 256
 _FAST_DTYPES = (torch.float16, torch.bfloat16)

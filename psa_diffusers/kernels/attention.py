@@ -32,6 +32,7 @@ from . import _triton
 from ._triton import (
     HAS_TRITON,
     INTERPRETED,
+    LOG2E,
     cdiv,
     check_supported,
     dot_upcast,
@@ -41,8 +42,6 @@ from ._triton import (
     triton,
 )
 from .pooling import level_offsets, pool_kv_triton
-
-_LOG2E = 1.4426950408889634
 
 if HAS_TRITON:
 
@@ -263,7 +262,7 @@ def _launch_attention(
         out.stride(0), out.stride(1), out.stride(2),
         counts.stride(0), counts.stride(1), counts.stride(2),
         indices.stride(0), indices.stride(1), indices.stride(2),
-        h, bh0, lq, lkv, cdiv(lkv, mask.block_kv), offs[2], offs[4], offs[8], scale * _LOG2E,
+        h, bh0, lq, lkv, cdiv(lkv, mask.block_kv), offs[2], offs[4], offs[8], scale * LOG2E,
         HEAD_DIM=d, BLOCK_D=next_power_of_2(d), BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"],
         BLOCK_Q=mask.block_q, BLOCK_KV=mask.block_kv, UPCAST=dot_upcast(q.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],

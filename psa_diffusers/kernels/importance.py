@@ -25,6 +25,7 @@ from . import _triton
 from ._triton import (
     HAS_TRITON,
     INTERPRETED,
+    LOG2E,
     cdiv,
     check_supported,
     dot_upcast,
@@ -33,8 +34,6 @@ from ._triton import (
     tl,
     triton,
 )
-
-_LOG2E = 1.4426950408889634
 
 if HAS_TRITON:
 
@@ -165,7 +164,7 @@ def estimate_block_importance_triton(
         q, k, out,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        h, lq, lkv, nq, nk, scale * _LOG2E,
+        h, lq, lkv, nq, nk, scale * LOG2E,
         STRIDE=stride, BLOCK_Q=block_q, BLOCK_KV=block_kv, SPQ=spq, SPK=spk,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], HEAD_DIM=d, BLOCK_D=next_power_of_2(d),
         UPCAST=dot_upcast(q.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],

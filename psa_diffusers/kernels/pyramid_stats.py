@@ -59,11 +59,13 @@ from __future__ import annotations
 
 import torch
 
-from ..importance import POOLED_LEVELS, PyramidStats, pooled_logit_variance
+from ..importance import POOLED_LEVELS, PyramidStats, group_logit_variance, pooled_logit_variance
+from ..mask import block_sizes
 from . import _triton
 from ._triton import (
     HAS_TRITON,
     INTERPRETED,
+    LOG2E,
     cdiv,
     check_supported,
     dot_upcast,
@@ -73,12 +75,11 @@ from ._triton import (
     triton,
 )
 
-_LOG2E = 1.4426950408889634
-
 if HAS_TRITON:
     from .pooling import _pool_level  # group means over real tokens, shared with the pyramid pooling
 
     _TAKEN = tl.constexpr(-(2**63) + 1)  # below every packed selection key
+    _LOG2E_K = tl.constexpr(LOG2E)  # log2(e) inside the kernels
 
     @triton.jit
     def _group_mean_kernel(
@@ -134,7 +135,7 @@ if HAS_TRITON:
             kt = t * KBT + tl.arange(0, KBT)
             omask = gval[:, None] & (kt < NK)[None, :]
             v = tl.load(VAR + (bh * NQ + qi[:, None]) * NK + kt[None, :], mask=omask, other=0.0)
-            v = v * (0.5 * 1.4426950408889634)
+            v = v * (0.5 * _LOG2E_K)
             s = s + bias[None, :] + tl.reshape(tl.broadcast_to(v[:, :, None], (BLOCK_M, KBT, GPK)), (BLOCK_M, BLOCK_N))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_new = tl.where(m_new == float("-inf"), 0.0, m_new)  # a tile of empty groups only
@@ -207,7 +208,6 @@ if HAS_TRITON:
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
     ):  # fmt: skip
         """Per query block: each query group's key groups among the ranked blocks', and its unpicked pooled mass."""
-        LOG2E: tl.constexpr = 1.4426950408889634
         NC: tl.constexpr = MP * GPK  # candidate key groups (the ranked blocks' groups)
         qblk = tl.program_id(0)
         bh = tl.program_id(1).to(tl.int64)
@@ -256,10 +256,10 @@ if HAS_TRITON:
         unsel = gval[:, None] & cpos[None, :] & ~picked & ckval[None, :]
         zkey = (skey >> 32).to(tl.int32)  # the candidate logits back from the keys (zc itself need not stay live)
         zr = tl.where(zkey >= 0, zkey, zkey ^ 0x7FFFFFFF).to(tl.float32, bitcast=True)  # == zc where unsel
-        bulk = zr + bias_c[None, :] + (0.5 * LOG2E) * vc[None, :] - lse[:, None]
+        bulk = zr + bias_c[None, :] + vc[None, :] * (0.5 * _LOG2E_K) - lse[:, None]
         e1 = tl.where(unsel, tl.math.exp2(bulk), 0.0)
         bias_s = tl.where(ckval, bias_c, 0.0)[None, :]
-        e2 = tl.where(unsel, tl.math.exp2(2.0 * bulk - bias_s + LOG2E * vc[None, :]), 0.0)
+        e2 = tl.where(unsel, tl.math.exp2(2.0 * bulk - bias_s + vc[None, :] * _LOG2E_K), 0.0)
         pool1 = tl.sum(tl.reshape(e1, (GPQP, MP, GPK)), axis=2)  # [GPQP, MP] unpicked pooled terms per ranked block
         pool2 = tl.sum(tl.reshape(e2, (GPQP, MP, GPK)), axis=2)
         rest_sum = nontop + tl.sum(pool1, 1)
@@ -361,7 +361,6 @@ if HAS_TRITON:
         M: tl.constexpr, MP: tl.constexpr, BLOCK_NK: tl.constexpr,
     ):  # fmt: skip
         """One row of mass and sq_mass: unranked blocks from M1/M2, ranked blocks from the refined terms."""
-        LOG2E: tl.constexpr = 1.4426950408889634
         qblk = tl.program_id(0)
         bh = tl.program_id(1).to(tl.int64)
         jj = tl.arange(0, BLOCK_NK)
@@ -383,7 +382,7 @@ if HAS_TRITON:
         mass = tl.sum(tl.load(M1 + rows, mask=rmask, other=0.0) * tl.math.exp2(invz[:, None] + mt), 0) / n_q
         v_row = tl.load(VAR + (bh * NQ + qblk) * NK + jj, mask=jval, other=0.0)
         sq = tl.sum(tl.load(M2 + rows, mask=rmask, other=0.0) * tl.math.exp2(invz2[:, None] + 2.0 * mt), 0)
-        sq = sq * tl.math.exp2(LOG2E * v_row)
+        sq = sq * tl.math.exp2(v_row * _LOG2E_K)
         is_top = (jj[:, None] == top[None, :]) & (om < M)[None, :]  # [BLOCK_NK, MP]
         in_top = tl.sum(is_top.to(tl.int32), 1) > 0
         mass = tl.where(in_top, tl.sum(tl.where(is_top, mass_top[None, :], 0.0), 1), mass)
@@ -432,7 +431,7 @@ def _pooled_inputs(q: torch.Tensor, k: torch.Tensor, group: int, dtype: torch.dt
         )  # fmt: skip
         outs.append(y)
     lkv = k.shape[2]
-    k_cnt = (lkv - torch.arange(outs[1].shape[2], device=k.device) * group).clamp(max=group).to(torch.float32)
+    k_cnt = block_sizes(lkv, group, outs[1].shape[2], k.device).float()
     return outs[0], outs[1], k_cnt.log2(), 1.0 / k_cnt
 
 
@@ -471,13 +470,8 @@ def _pooled_pass(qbar, kbar, bias, invc, var_g, *, block_q: int, block_kv: int, 
     return m1, m2, mt, lse
 
 
-def _refine(
-    q, k, qbar, kbar, bias, var_g, passed, *, block_q, block_kv, group, refine_blocks, refine_groups, scale, cfg, upto=3
-):
-    """Launch the refinement (select, exact logits, assembly): ``mass``, ``sq_mass`` ``[B, H, Nq, Nk]`` float32.
-
-    ``upto`` < 3 stops after the rank (0), select (1) or exact (2) launch and returns None (timing only).
-    """
+def _refine(q, k, qbar, kbar, bias, var_g, passed, *, block_q, block_kv, group, refine_blocks, refine_groups, cfg):
+    """Launch the refinement (rank, select, exact, assemble): ``mass``, ``sq_mass`` ``[B, H, Nq, Nk]`` float32."""
     m1, m2, mt, lse = passed
     b, h, lq, d = q.shape
     lkv = k.shape[2]
@@ -502,8 +496,6 @@ def _refine(
         GROUP=group, GPQ=gpq, KBT=kbt, M=m, MP=mp, BLOCK_NK=bnk,
         num_warps=cfg["rank_warps"], num_stages=1,
     )  # fmt: skip
-    if upto < 1:
-        return None
     sel = _triton.new_output((bh, gq, tp), dtype=torch.int32, device=dev)
     pos = _triton.new_output((bh, gq, tp), dtype=torch.int32, device=dev)
     rest = _triton.new_output((bh, gq), dtype=torch.float32, device=dev)
@@ -516,8 +508,6 @@ def _refine(
         HEAD_DIM=d, BLOCK_D=next_power_of_2(d), UPCAST=dot_upcast(q.dtype),
         num_warps=cfg["select_warps"], num_stages=1,
     )  # fmt: skip
-    if upto < 2:
-        return None
     c1 = _triton.new_output((bh, gq, mp), dtype=torch.float32, device=dev)
     c2 = _triton.new_output((bh, gq, mp), dtype=torch.float32, device=dev)
     iz = _triton.new_output((bh, gq), dtype=torch.float32, device=dev)
@@ -530,8 +520,6 @@ def _refine(
         GROUP=group, GPD=gpd, MP=mp, T=t_sel, TP=tp, HEAD_DIM=d, BLOCK_D=next_power_of_2(d),
         UPCAST=dot_upcast(q.dtype), PAIRS=pairs, num_warps=cfg["exact_warps"], num_stages=cfg["exact_stages"],
     )  # fmt: skip
-    if upto < 3:
-        return None
     mass = _triton.new_output((b, h, nq, nk), dtype=torch.float32, device=dev)
     sq_mass = _triton.new_output((b, h, nq, nk), dtype=torch.float32, device=dev)
     _assemble_kernel[(nq, bh)](
@@ -599,11 +587,28 @@ def estimate_pyramid_statistics_triton(
         raise ValueError(f"var has shape {tuple(var.shape)} and dtype {var.dtype}; expected {want} float32")
     if var.device != q.device:
         raise ValueError(f"var is on {var.device} but q is on {q.device}")
-    li = POOLED_LEVELS.index(group) if group in POOLED_LEVELS else len(POOLED_LEVELS) - 1
-    var_g = var[..., li].contiguous()  # [B, H, Nq, Nk]
+    var_g = group_logit_variance(var, group).contiguous()  # [B, H, Nq, Nk]
     q, k = last_dim_contiguous(q), last_dim_contiguous(k)
-    cfg = _config(d, block_kv // group)
-    cfg["qk_scale"] = scale * _LOG2E
+    qbar, kbar, bias, passed, cfg = _pooled_stage(
+        q, k, var_g, block_q=block_q, block_kv=block_kv, group=group, scale=scale, config=config
+    )
+    mass, sq_mass = _refine(
+        q, k, qbar, kbar, bias, var_g, passed,
+        block_q=block_q, block_kv=block_kv, group=group, refine_blocks=refine_blocks,
+        refine_groups=refine_groups, cfg=cfg,
+    )  # fmt: skip
+    return PyramidStats(mass, sq_mass, var)
+
+
+def _pooled_stage(q, k, var_g, *, block_q: int, block_kv: int, group: int, scale: float, config: dict | None):
+    """Kernels 0 and 1 (group means, pooled pass) on checked inputs: ``(qbar, kbar, bias, passed, cfg)``.
+
+    ``var_g`` ``[B, H, Nq, Nk]`` float32 contiguous; ``passed`` = ``(M1, M2, MT, LSE)``; ``cfg`` the
+    tile configuration the refinement uses too. Separate so that ``benchmarks/budget_cost.py`` can
+    time the estimate without its refinement.
+    """
+    cfg = _config(q.shape[-1], block_kv // group)
+    cfg["qk_scale"] = scale * LOG2E
     if config:
         cfg.update(config)
     if cfg["BLOCK_N"] % (block_kv // group):
@@ -613,9 +618,4 @@ def estimate_pyramid_statistics_triton(
     pooled_dtype = torch.float32 if cfg["pooled_fp32"] else q.dtype
     qbar, kbar, bias, invc = _pooled_inputs(q, k, group, pooled_dtype)
     passed = _pooled_pass(qbar, kbar, bias, invc, var_g, block_q=block_q, block_kv=block_kv, group=group, cfg=cfg)
-    mass, sq_mass = _refine(
-        q, k, qbar, kbar, bias, var_g, passed,
-        block_q=block_q, block_kv=block_kv, group=group, refine_blocks=refine_blocks,
-        refine_groups=refine_groups, scale=scale, cfg=cfg,
-    )  # fmt: skip
-    return PyramidStats(mass, sq_mass, var)
+    return qbar, kbar, bias, passed, cfg
