@@ -8,7 +8,7 @@ from ``estimate_pyramid_statistics`` on ``structured_gpu`` inputs, the row budge
 ``row_budget(density, ...)``: prints the share of equal levels, the largest row cost over
 its budget, the modelled error ``(s + W**2) / (1 - W)**2`` of both maps, and
 ``triton.testing.do_bench`` medians (ms) of both. ``--sweep 1,2,4`` also times the kernel at
-each ``num_warps`` (``kernels.allocation._num_warps``), with its equality.
+each ``num_warps`` (through the kernel's ``config=`` override of ``blocks_per_warp``), with its equality.
 """
 
 from __future__ import annotations
@@ -22,10 +22,16 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.attention import structured_gpu  # noqa: E402
-from psa_diffusers.allocation import COST_UNIT, OPTIONS, allocate_levels, error_tables, row_budget  # noqa: E402
-from psa_diffusers.importance import estimate_pyramid_statistics  # noqa: E402
-from psa_diffusers.kernels import allocation as allocation_kernel  # noqa: E402
-from psa_diffusers.kernels.allocation import allocate_levels_triton  # noqa: E402
+from psa_diffusers.budget.allocation import (  # noqa: E402
+    COST_UNIT,
+    OPTIONS,
+    allocate_levels_reference,
+    allocate_levels_triton,
+    error_tables,
+    row_budget,
+)
+from psa_diffusers.budget.allocation.kernel import row_chunks  # noqa: E402
+from psa_diffusers.budget.statistics import estimate_pyramid_statistics_reference  # noqa: E402
 
 BLOCK = 128
 
@@ -50,17 +56,17 @@ def case(name, q, k, text, density, sweep=()):
     lkv = k.shape[2]
     nk = -(-lkv // BLOCK)
     n = (lkv - text) // BLOCK if text else nk
-    stats = estimate_pyramid_statistics(q.float(), k.float(), block_q=BLOCK, block_kv=BLOCK)
+    stats = estimate_pyramid_statistics_reference(q.float(), k.float(), block_q=BLOCK, block_kv=BLOCK)
     tokens = (lkv - torch.arange(nk, device="cuda") * BLOCK).clamp(max=BLOCK)
     budget = row_budget(density, lkv, lkv - n * BLOCK if text else 0)
-    ref = allocate_levels(stats, budget, tokens, num_blocks=n)
+    ref = allocate_levels_reference(stats, budget, tokens, num_blocks=n)
     out = allocate_levels_triton(stats, budget, tokens, num_blocks=n)
     cost = row_cost(out[..., :n], tokens[:n])
     best_cost = tokens[:n][stats.mass[..., :n].argmax(-1)] * COST_UNIT
     over = (cost - torch.clamp(best_cost, min=budget)).max().item()
     e_ref, e_out = modelled_error(stats, ref, n), modelled_error(stats, out, n)
     rel = ((e_out.sum() - e_ref.sum()) / e_ref.sum()).item()
-    t_ref = triton.testing.do_bench(lambda: allocate_levels(stats, budget, tokens, num_blocks=n))
+    t_ref = triton.testing.do_bench(lambda: allocate_levels_reference(stats, budget, tokens, num_blocks=n))
     t_out = triton.testing.do_bench(lambda: allocate_levels_triton(stats, budget, tokens, num_blocks=n))
     print(
         f"{name}: levels {tuple(out.shape)}, n={n}, budget={budget}: equal {(out == ref).float().mean().item():.6f}, "
@@ -69,15 +75,14 @@ def case(name, q, k, text, density, sweep=()):
         f"reference {t_ref:.3f} ms, kernel {t_out:.4f} ms",
         flush=True,
     )
-    default = allocation_kernel._num_warps
+    width = sum(row_chunks(nk))
     for warps in sweep:
-        allocation_kernel._num_warps = lambda nkp, w=warps: w
-        try:
-            alt = allocate_levels_triton(stats, budget, tokens, num_blocks=n)
-            t = triton.testing.do_bench(lambda: allocate_levels_triton(stats, budget, tokens, num_blocks=n))
-            print(f"  num_warps={warps}: equal {(alt == ref).float().mean().item():.6f}, {t:.4f} ms")
-        finally:
-            allocation_kernel._num_warps = default
+        cfg = {"blocks_per_warp": max(1, width // warps)}  # num_warps = width // blocks_per_warp
+        alt = allocate_levels_triton(stats, budget, tokens, num_blocks=n, config=cfg)
+        t = triton.testing.do_bench(
+            lambda cfg=cfg: allocate_levels_triton(stats, budget, tokens, num_blocks=n, config=cfg)
+        )
+        print(f"  num_warps={warps}: equal {(alt == ref).float().mean().item():.6f}, {t:.4f} ms")
 
 
 def main():

@@ -3,7 +3,7 @@
     PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/attention.py [--quick] [--sweep-configs] [--out DIR]
 
 Prints, from one run: a tile-config sweep of the sparse kernel (optional), one
-table per DESIGN section 6 shape (dense cuDNN, binary flex_attention at the same
+table per shape of docs/design.md, section 6 (dense cuDNN, binary flex_attention at the same
 FLOP density, the PSA kernel, its parts, the whole call, ratios, errors against
 dense, peak memory), a density sweep 0.05..0.5 on the Wan2.1-1.3B shape with a
 fitted line, and the share of importance+mask in dense time. Masks are built
@@ -30,15 +30,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from structured_qkv import relative_error, structured_qkv  # noqa: E402
 
 from psa_diffusers.config import PSAConfig  # noqa: E402
-from psa_diffusers.kernels import (  # noqa: E402
-    build_mask_triton,
-    estimate_block_importance_triton,
-    psa_attention_triton,
-    similarity_caps_triton,
-)
-from psa_diffusers.kernels.attention import _launch_attention  # noqa: E402
-from psa_diffusers.kernels.pooling import pool_kv_triton  # noqa: E402
 from psa_diffusers.mask import PyramidBlockMask  # noqa: E402
+from psa_diffusers.ops.attention import launch_attention, psa_attention_triton  # noqa: E402
+from psa_diffusers.ops.caps import similarity_caps_reference, similarity_caps_triton  # noqa: E402
+from psa_diffusers.ops.importance import estimate_block_importance_triton  # noqa: E402
+from psa_diffusers.ops.levels import build_mask_triton  # noqa: E402
+from psa_diffusers.ops.pooling import pool_kv_triton  # noqa: E402
 
 LOG: list[str] = []
 
@@ -167,17 +164,17 @@ def config_sweep(name, q, k, v, mask, scale=None):
     kp, vp = pool_kv_triton(k, v)
     out = torch.empty_like(q)
     scale = d**-0.5 if scale is None else scale
-    ref = _launch_attention(q, k, v, kp, vp, mask, scale, torch.empty_like(q))
+    ref = launch_attention(q, k, v, kp, vp, mask, scale, torch.empty_like(q))
     rows = []
     for bm, bn, w, s in ATTN_CONFIGS.get(d, ATTN_CONFIGS[128]):
         cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": s}
         try:
             t0 = time.time()
-            o = _launch_attention(q, k, v, kp, vp, mask, scale, out, cfg)
+            o = launch_attention(q, k, v, kp, vp, mask, scale, out, cfg)
             torch.cuda.synchronize()
             compile_s = time.time() - t0
             err = relative_error(o, ref)
-            ms = bench(lambda cfg=cfg: _launch_attention(q, k, v, kp, vp, mask, scale, out, cfg))
+            ms = bench(lambda cfg=cfg: launch_attention(q, k, v, kp, vp, mask, scale, out, cfg))
             rows.append((ms, cfg))
             say(
                 f"  attn cfg {name} BM{bm} BN{bn} w{w} s{s}: {ms:.3f} ms "
@@ -185,16 +182,13 @@ def config_sweep(name, q, k, v, mask, scale=None):
             )
         except Exception as exc:  # a config that fails to compile (shared memory) is reported and skipped
             say(f"  attn cfg {name} BM{bm} BN{bn} w{w} s{s}: FAILED {type(exc).__name__}: {str(exc)[:120]}")
-    from psa_diffusers.kernels import pooling as pooling_mod
-
-    default_chunk = pooling_mod._CHUNK
     kp0, vp0 = pool_kv_triton(k, v)
     for chunk in POOL_CHUNKS:
-        pooling_mod._CHUNK = chunk
-        kp1, vp1 = pool_kv_triton(k, v)
+        pcfg = {"CHUNK": chunk}
+        kp1, vp1 = pool_kv_triton(k, v, config=pcfg)
         same = torch.equal(kp1, kp0) and torch.equal(vp1, vp0)
-        say(f"  pool CHUNK={chunk} {name}: {bench(lambda: pool_kv_triton(k, v)):.3f} ms (same result: {same})")
-    pooling_mod._CHUNK = default_chunk
+        ms = bench(lambda pcfg=pcfg: pool_kv_triton(k, v, config=pcfg))
+        say(f"  pool CHUNK={chunk} {name}: {ms:.3f} ms (same result: {same})")
     imp_ref = estimate_block_importance_triton(q, k, block_q=mask.block_q, block_kv=mask.block_kv, stride=8)
     for bm, bn, w, s in IMP_CONFIGS:
         cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": s}
@@ -234,7 +228,7 @@ def shape_table(name, flex_compiled, fracs=(0.10, 0.05, 0.0, 0.20), attn_cfg=Non
 
     def build_torch():
         lm = quota_level_map(imp(), fracs, text_q_from=text_from, text_kv_from=text_from)
-        return PyramidBlockMask._compact(lm, block_q=block, block_kv=block)
+        return PyramidBlockMask.from_valid_level_map(lm, block_q=block, block_kv=block)
 
     def build():
         return build_mask_triton(imp(), cfg, num_kv_blocks=text_from, num_q_blocks=text_from)
@@ -249,7 +243,7 @@ def shape_table(name, flex_compiled, fracs=(0.10, 0.05, 0.0, 0.20), attn_cfg=Non
     out = torch.empty_like(q)
     scale = d**-0.5
     res["pool_ms"] = bench(lambda: pool_kv_triton(k, v))
-    res["attn_ms"] = bench(lambda: _launch_attention(q, k, v, kp, vp, mask, scale, out, attn_cfg))
+    res["attn_ms"] = bench(lambda: launch_attention(q, k, v, kp, vp, mask, scale, out, attn_cfg))
     res["kernel_ms"] = bench(lambda: psa_attention_triton(q, k, v, mask, config=attn_cfg))
 
     def whole():
@@ -261,7 +255,7 @@ def shape_table(name, flex_compiled, fracs=(0.10, 0.05, 0.0, 0.20), attn_cfg=Non
 
     # binary FlexAttention with the same FLOP density, blocks chosen by the same importance
     lm_bin = binary_level_map(importance, res["density"], text_q_from=text_from, text_kv_from=text_from)
-    mask_bin = PyramidBlockMask._compact(lm_bin, block_q=block, block_kv=block)
+    mask_bin = PyramidBlockMask.from_valid_level_map(lm_bin, block_q=block, block_kv=block)
     res["density_binary"] = mask_bin.density(length, length)
     bm = flex_setup(lm_bin, length, length, block)
     out_flex = flex_compiled(q, k, v, block_mask=bm)
@@ -273,8 +267,6 @@ def shape_table(name, flex_compiled, fracs=(0.10, 0.05, 0.0, 0.20), attn_cfg=Non
 
     # mass mode with the similarity cap (the Wan2.1-1.3B preset), whole call with the fused mask kernel
     try:
-        from psa_diffusers.mask_builder import similarity_caps
-
         cfg_m = PSAConfig(block_q=block, block_kv=block, mode="mass", budgets=(0.5, 0.6, 0.7, 0.8),
                           sim_thresholds=(0.7, 0.65, 0.6))  # fmt: skip
 
@@ -290,7 +282,7 @@ def shape_table(name, flex_compiled, fracs=(0.10, 0.05, 0.0, 0.20), attn_cfg=Non
         res["mass_density"] = mask_m.density(length, length)
         res["mass_whole_ms"] = bench(whole_mass)
         res["mass_caps_ms"] = bench(lambda: similarity_caps_triton(k, block_kv=block, thresholds=taus))
-        res["mass_caps_torch_ms"] = bench(lambda: similarity_caps(k, cfg_m))
+        res["mass_caps_torch_ms"] = bench(lambda: similarity_caps_reference(k, block_kv=block, thresholds=taus))
         res["mass_err_vs_dense"] = relative_error(whole_mass(), out_dense)
         lm_mb = binary_level_map(importance, res["mass_density"], text_q_from=text_from, text_kv_from=text_from)
         bm_m = flex_setup(lm_mb, length, length, block)
@@ -350,13 +342,13 @@ def density_sweep(flex_compiled, attn_cfg=None, densities=(0.05, 0.1, 0.15, 0.2,
     importance = estimate_block_importance_triton(q, k, block_q=128, block_kv=128, stride=8)
     rows = []
     for d in densities:
-        mask = PyramidBlockMask._compact(quota_level_map(importance, sweep_fracs(d)), block_q=128, block_kv=128)
+        mask = PyramidBlockMask.from_valid_level_map(
+            quota_level_map(importance, sweep_fracs(d)), block_q=128, block_kv=128
+        )
         real = mask.density(length, length)
         kp, vp = pool_kv_triton(k, v)
         out = torch.empty_like(q)
-        t_attn = bench(
-            lambda m=mask, kp=kp, vp=vp, o=out: _launch_attention(q, k, v, kp, vp, m, 128**-0.5, o, attn_cfg)
-        )
+        t_attn = bench(lambda m=mask, kp=kp, vp=vp, o=out: launch_attention(q, k, v, kp, vp, m, 128**-0.5, o, attn_cfg))
         t_kernel = bench(lambda m=mask: psa_attention_triton(q, k, v, m, config=attn_cfg))
         lm_bin = binary_level_map(importance, real)
         bm = flex_setup(lm_bin, length, length, 128)
@@ -400,7 +392,7 @@ def main() -> None:
                 imp = estimate_block_importance_triton(q, k, block_q=128, block_kv=128, stride=8)
                 tf = (length - text_len) // 128 if text_len else None
                 lm = quota_level_map(imp, (0.10, 0.05, 0.0, 0.20), text_q_from=tf, text_kv_from=tf)
-                mask = PyramidBlockMask._compact(lm, block_q=128, block_kv=128)
+                mask = PyramidBlockMask.from_valid_level_map(lm, block_q=128, block_kv=128)
                 say(f"config sweep {name} (density {mask.density(length, length):.3f}):")
                 best[q.shape[-1]] = config_sweep(name, q, k, v, mask)
                 del q, k, v

@@ -2,7 +2,7 @@
 
     PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/budget_cost.py [--shapes wan13 cogx] [--out DIR]
 
-For each DESIGN section 6 shape (inputs from ``benchmarks/attention.py``'s ``make_inputs``:
+For each shape of docs/design.md, section 6 (inputs from ``benchmarks/attention.py``'s ``make_inputs``:
 ``structured_qkv``, bf16): the quota preset 10/5/0/20 and the budget mode at the same
 measured density, timed as whole ``psa_attention`` calls (Triton backend, raster order), the
 mask alone, the parts of the budget mask (logit variance, block statistics, allocation), the
@@ -27,8 +27,12 @@ from attention import bench, make_inputs  # noqa: E402
 from structured_qkv import relative_error  # noqa: E402
 
 from psa_diffusers.attention import psa_attention  # noqa: E402
+from psa_diffusers.budget import estimate_pyramid_statistics  # noqa: E402
+from psa_diffusers.budget.statistics import pooled_stage  # noqa: E402
+from psa_diffusers.budget.stats import group_logit_variance  # noqa: E402
+from psa_diffusers.budget.variance import pooled_logit_variance_triton  # noqa: E402
 from psa_diffusers.config import PSAConfig  # noqa: E402
-from psa_diffusers.mask_builder import build_block_mask, estimate_statistics  # noqa: E402
+from psa_diffusers.mask_builder import build_block_mask  # noqa: E402
 
 QUOTA = PSAConfig(mode="quota", budgets=(0.10, 0.05, 0.0, 0.20))
 SWEEP = (0.06, 0.07, 0.08, 0.09, 0.10, 0.11, 0.12, 0.13, 0.14, 0.15)
@@ -50,17 +54,13 @@ def floor_mask(q, k, budget: PSAConfig, text_len: int, stats):
     What any estimate of this design costs before it computes one exact logit: the bound the
     refinement has to fit under. ``stats`` stands in for the refined statistics (same shapes).
     """
-    from psa_diffusers.importance import group_logit_variance
-    from psa_diffusers.kernels import pooled_logit_variance_triton
-    from psa_diffusers.kernels.pyramid_stats import _pooled_stage
-
     blocks = dict(block_q=budget.block_q, block_kv=budget.block_kv)
     group = 8  # estimate_pyramid_statistics_triton's default
 
     def run():
         var = pooled_logit_variance_triton(q, k, **blocks)
         var_g = group_logit_variance(var, group).contiguous()
-        _pooled_stage(q, k, var_g, **blocks, group=group, scale=q.shape[-1] ** -0.5, config=None)
+        pooled_stage(q, k, var_g, **blocks, group=group, scale=q.shape[-1] ** -0.5, config=None)
         return build_block_mask(q, k, budget, text_len=text_len, stats=stats)
 
     return run
@@ -94,16 +94,11 @@ def measure(name: str) -> dict:
         kernel_quota_ms=bench(kernel_only(mask_q)),
         kernel_budget_ms=bench(kernel_only(mask_b)),
     )
-    stats = estimate_statistics(q, k, budget, None)
-    row["stats_ms"] = bench(lambda: estimate_statistics(q, k, budget, None))
+    blocks = dict(block_q=budget.block_q, block_kv=budget.block_kv)
+    stats = estimate_pyramid_statistics(q, k, **blocks)
+    row["stats_ms"] = bench(lambda: estimate_pyramid_statistics(q, k, **blocks))
     row["allocation_ms"] = bench(lambda: build_block_mask(q, k, budget, text_len=text_len, stats=stats))
-    try:
-        from psa_diffusers.kernels.moments import pooled_logit_variance_triton
-
-        row["variance_ms"] = bench(lambda: pooled_logit_variance_triton(q, k, block_q=128, block_kv=128))
-    except Exception as exc:  # the part timing is optional; the whole calls above are what counts
-        row["variance_ms"] = float("nan")
-        print(f"# variance timing skipped: {exc}", flush=True)
+    row["variance_ms"] = bench(lambda: pooled_logit_variance_triton(q, k, block_q=128, block_kv=128))
     row["floor_ms"] = bench(floor_mask(q, k, budget, text_len, stats))
     # equal quality: the lowest budget density whose error is at most the quota preset's
     sweep = []

@@ -28,8 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.structured_qkv import relative_error, structured_qkv  # noqa: E402
 from psa_diffusers import PSAConfig, PyramidBlockMask, psa_attention  # noqa: E402
-from psa_diffusers.importance import estimate_pyramid_statistics, exact_block_mass  # noqa: E402
-from psa_diffusers.mask_builder import build_block_mask, estimate_importance  # noqa: E402
+from psa_diffusers.budget import estimate_pyramid_statistics  # noqa: E402
+from psa_diffusers.mask_builder import build_block_mask  # noqa: E402
+from psa_diffusers.ops.importance import estimate_block_importance, exact_block_mass  # noqa: E402
 from psa_diffusers.ordering import reorder_tokens  # noqa: E402
 
 SHAPES = {  # name: (grid, heads, dim)
@@ -84,7 +85,9 @@ def sweep(shape: str, grid, heads: int, dim: int, seed: int, device: str, dtype,
         qo, ko, vo = (reorder_tokens(t, grid) for t in (q, k, v)) if order == "gilbert" else (q, k, v)
         dense_o = reorder_tokens(dense, grid) if order == "gilbert" else dense
         base = PSAConfig(block_q=128, block_kv=128, token_order="none")
-        importance = estimate_importance(qo, ko, base, None)
+        importance = estimate_block_importance(
+            qo, ko, block_q=base.block_q, block_kv=base.block_kv, stride=base.importance_stride
+        )
         oracle = exact_block_mass(qo, ko, block_q=128, block_kv=128)
         stats = estimate_pyramid_statistics(qo, ko, block_q=128, block_kv=128) if "budget" in modes else None
         budgets_list = [("quota", b) for b in QUOTA_SWEEP] + [("mass", b) for b in MASS_SWEEP]

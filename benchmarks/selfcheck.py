@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.structured_qkv import relative_error, structured_qkv  # noqa: E402
 from psa_diffusers import PSAConfig, PyramidBlockMask, psa_attention  # noqa: E402
-from psa_diffusers.mask_builder import estimate_importance  # noqa: E402
+from psa_diffusers.ops.importance import estimate_block_importance  # noqa: E402
 
 BUDGETS = [
     ("quota", (0.05, 0.05, 0.05, 0.10)),
@@ -68,7 +68,13 @@ def main(argv=None) -> int:
             from psa_diffusers.ordering import reorder_tokens, restore_tokens
 
             qr, kr, vr = (reorder_tokens(t, grid) if order == "gilbert" else t for t in (q, k, v))
-            binary = binary_mask_at_density(estimate_importance(qr, kr, cfg, None), density, cfg)
+            binary = binary_mask_at_density(
+                estimate_block_importance(
+                    qr, kr, block_q=cfg.block_q, block_kv=cfg.block_kv, stride=cfg.importance_stride
+                ),
+                density,
+                cfg,
+            )
             out_b = psa_attention(qr, kr, vr, mask=binary)
             if order == "gilbert":
                 out_b = restore_tokens(out_b, grid)

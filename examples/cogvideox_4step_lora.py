@@ -14,15 +14,10 @@ In your own code:
 
 import argparse
 
+from psa_diffusers.cli import add_generate_arguments, call_arguments, check_generate_arguments, resolve_preset
 from psa_diffusers.diffusers.lora import DEFAULT_REPO, DEFAULT_WEIGHT_NAME, load_psa_lora
-from psa_diffusers.video import (
-    add_generate_arguments,
-    call_arguments,
-    check_generate_arguments,
-    generate,
-    load_pipeline,
-    resolve_preset,
-)
+from psa_diffusers.generation import generate
+from psa_diffusers.loading import load_pipeline
 
 
 def main() -> None:

@@ -14,16 +14,11 @@ In your own code, PSA is one line between loading and calling the pipeline:
 
 import argparse
 
+from psa_diffusers.cli import add_generate_arguments, call_arguments, check_generate_arguments, resolve_preset
 from psa_diffusers.diffusers import enable_psa
-from psa_diffusers.video import (
-    add_generate_arguments,
-    call_arguments,
-    check_generate_arguments,
-    generate,
-    load_pipeline,
-    preset_for_model,
-    resolve_preset,
-)
+from psa_diffusers.diffusers.families import preset_for_model
+from psa_diffusers.generation import generate
+from psa_diffusers.loading import load_pipeline
 
 
 def main() -> None:

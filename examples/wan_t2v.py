@@ -15,16 +15,11 @@ The preset is the one listing --model (wan2.1-1.3b, wan2.1-14b, wan2.2-a14b, wan
 
 import argparse
 
+from psa_diffusers.cli import add_generate_arguments, call_arguments, check_generate_arguments, resolve_preset
 from psa_diffusers.diffusers import enable_psa
-from psa_diffusers.video import (
-    add_generate_arguments,
-    call_arguments,
-    check_generate_arguments,
-    generate,
-    load_pipeline,
-    preset_for_model,
-    resolve_preset,
-)
+from psa_diffusers.diffusers.families import preset_for_model
+from psa_diffusers.generation import generate
+from psa_diffusers.loading import load_pipeline
 
 
 def main() -> None:

@@ -1,7 +1,8 @@
 """psa-diffusers: Pyramid Sparse Attention for video diffusion in Hugging Face diffusers.
 
 Core (no diffusers needed): ``PSAConfig``, ``PyramidBlockMask``, ``build_block_mask``,
-``psa_attention``, ``psa_attention_reference`` and the presets. The diffusers
+``psa_attention``, ``psa_attention_reference``, the plan/run split (``plan_attention``,
+``run_attention``) and the presets. Importing the package registers the ``torch.ops.psa`` ops. The diffusers
 integration (``enable_psa``, ``disable_psa``, ``PSAProcessor``, ``load_psa_lora``)
 is imported on first use, so the core works where diffusers is not installed.
 """
@@ -10,11 +11,11 @@ from __future__ import annotations
 
 import importlib
 
-from .attention import psa_attention
+from .attention import PSAPlan, plan_attention, psa_attention, run_attention
 from .config import PSAConfig
 from .mask import PyramidBlockMask
 from .mask_builder import build_block_mask
-from .reference import psa_attention_reference
+from .ops.attention import psa_attention_reference
 
 __version__ = "0.1.0"
 
@@ -36,6 +37,9 @@ __all__ = [
     "build_block_mask",
     "psa_attention",
     "psa_attention_reference",
+    "PSAPlan",
+    "plan_attention",
+    "run_attention",
     *_LAZY,
 ]
 

@@ -1,19 +1,26 @@
-"""psa_attention: the functional entry point (mask, reorder, dispatch to Triton or the reference)."""
+"""psa_attention, the functional entry point, and the plan/run split for reusing a mask.
+
+``psa_attention`` validates its inputs, resolves the backend and the Gilbert grid, then calls the
+``torch.ops.psa`` ops (``library.py``): ``permute_tokens`` -> ``build_mask`` -> ``attention`` ->
+``permute_tokens`` back. ``torch.compile`` sees those ops as single nodes.
+
+``plan_attention`` / ``run_attention`` split the same work as FlashInfer does: build the mask (and,
+on the Triton path, the pooled K/V) once, run attention with it as often as wanted.
+"""
 
 from __future__ import annotations
 
-import logging
+from dataclasses import dataclass
 
 import torch
 
+from . import library
 from .config import PSAConfig
 from .mask import PyramidBlockMask
-from .mask_builder import build_block_mask
-from .reference import psa_attention_reference
+from .ops.attention import pool_kv_triton, sparse_attention
+from .ops.triton_support import BACKENDS, resolve_backend
 
-logger = logging.getLogger(__name__)
-
-BACKENDS = ("auto", "reference", "triton")
+__all__ = ["BACKENDS", "PSAPlan", "check_qkv", "plan_attention", "psa_attention", "run_attention"]
 
 
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -40,26 +47,35 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"empty input: {shapes}")
 
 
+def _check_config(config: PSAConfig | None) -> PSAConfig:
+    config = PSAConfig() if config is None else config
+    if not isinstance(config, PSAConfig):
+        raise TypeError(f"config must be a PSAConfig, got {type(config).__name__}")
+    return config
+
+
 def _check_text_and_grid(lq: int, lkv: int, text_len: int, grid) -> None:
-    if not isinstance(text_len, int) or text_len < 0 or text_len > min(lq, lkv):
+    if isinstance(text_len, bool) or not isinstance(text_len, int) or not 0 <= text_len <= min(lq, lkv):
         raise ValueError(f"text_len={text_len!r} must be an integer in [0, min(Lq, Lkv)={min(lq, lkv)}]")
-    if grid is not None:
-        if lq != lkv:
-            raise ValueError(f"grid reordering needs self-attention (Lq == Lkv), got Lq={lq}, Lkv={lkv}")
+    if grid is not None and lq != lkv:
+        raise ValueError(f"grid reordering needs self-attention (Lq == Lkv), got Lq={lq}, Lkv={lkv}")
 
 
-def _run_kernel(q, k, v, mask, scale, backend: str) -> torch.Tensor:
-    if backend == "reference" or (backend == "auto" and not q.is_cuda):
-        return psa_attention_reference(q, k, v, mask, scale)
-    from .kernels import psa_attention_triton, triton_unsupported_reason
+def _check_mask(mask, q: torch.Tensor, lkv: int) -> PyramidBlockMask:
+    if not isinstance(mask, PyramidBlockMask):
+        raise TypeError(f"mask must be a PyramidBlockMask, got {type(mask).__name__}")
+    mask.check_fits(q.shape[2], lkv)
+    if mask.shape[:2] != tuple(q.shape[:2]):
+        raise ValueError(f"mask batch/heads {mask.shape[:2]} do not match q {tuple(q.shape)}")
+    return mask
 
-    reason = triton_unsupported_reason(q, k, v)
-    if reason is None:
-        return psa_attention_triton(q, k, v, mask, scale)
-    if backend == "triton":
-        raise ValueError(f"backend='triton' cannot run here: {reason}")
-    logger.debug("psa_attention on the PyTorch reference: %s", reason)
-    return psa_attention_reference(q, k, v, mask, scale)
+
+def _mask_of(q: torch.Tensor, k: torch.Tensor, config: PSAConfig, text_len: int, scale: float, backend: str):
+    """The compact mask through ``psa.build_mask`` (no gradient: the mask is a constant of the inputs)."""
+    counts, indices = torch.ops.psa.build_mask(
+        q.detach(), k.detach(), *library.config_op_args(config), text_len, scale, backend
+    )
+    return PyramidBlockMask(counts, indices, block_q=config.block_q, block_kv=config.block_kv)
 
 
 def psa_attention(
@@ -84,32 +100,90 @@ def psa_attention(
               without it a Gilbert config runs in raster order.
     backend:  "auto" (Triton on CUDA where it applies, else the reference), "reference" or "triton".
     Returns ``[B, H, Lq, D]`` in q's dtype, or ``(out, mask)`` with ``return_mask=True``.
+    Differentiable in q, k and v (the mask is treated as a constant).
     """
     check_qkv(q, k, v)
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r}: allowed values are {BACKENDS}")
-    config = PSAConfig() if config is None else config
-    if not isinstance(config, PSAConfig):
-        raise TypeError(f"config must be a PSAConfig, got {type(config).__name__}")
-    lq, lkv = q.shape[2], k.shape[2]
+    config = _check_config(config)
+    lq, lkv, d = q.shape[2], k.shape[2], q.shape[3]
     _check_text_and_grid(lq, lkv, text_len, grid)
+    backend = resolve_backend(backend, q, k, v, names=("q", "k", "v"))
+    scale = d**-0.5 if scale is None else float(scale)
     reorder = config.token_order == "gilbert" and grid is not None
-    if config.token_order == "gilbert" and grid is None:
-        logger.debug("token_order='gilbert' without a grid: attention runs in raster order")
     if reorder:
-        from .ordering import reorder_tokens
-
-        q, k, v = (reorder_tokens(t, grid, text_len) for t in (q, k, v))
+        grid = list(grid)
+        q, k, v = (torch.ops.psa.permute_tokens(t, grid, text_len, False) for t in (q, k, v))
     if mask is None:
-        mask = build_block_mask(q, k, config, text_len=text_len, scale=scale)
-    elif not isinstance(mask, PyramidBlockMask):
-        raise TypeError(f"mask must be a PyramidBlockMask, got {type(mask).__name__}")
-    mask.check_fits(lq, lkv)
-    if mask.shape[:2] != tuple(q.shape[:2]):
-        raise ValueError(f"mask batch/heads {mask.shape[:2]} do not match q {tuple(q.shape)}")
-    out = _run_kernel(q, k, v, mask, scale, backend)
+        mask = _mask_of(q, k, config, text_len, scale, backend)
+    else:
+        mask = _check_mask(mask, q, lkv)
+    out = torch.ops.psa.attention(q, k, v, mask.kv_counts, mask.kv_indices, mask.block_q, mask.block_kv, scale,
+                                  backend)  # fmt: skip
     if reorder:
-        from .ordering import restore_tokens
-
-        out = restore_tokens(out, grid, text_len)
+        out = torch.ops.psa.permute_tokens(out, grid, text_len, True)
     return (out, mask) if return_mask else out
+
+
+@dataclass(frozen=True)
+class PSAPlan:
+    """A mask (and, on the Triton path, pooled K/V) built once by :func:`plan_attention`.
+
+    mask:      the compact level mask ``[B, H, Nq, Nk]``.
+    pooled_kv: the pooled K and V buffers ``[B*H, L/2 + L/4 + L/8, D]`` of the planned k, v
+               (Triton path with ``v`` given), else None.
+    scale:     the softmax scale.
+    backend:   "triton" or "reference", resolved when planning.
+    kernel_config: overrides of the ``"attention"`` kernel configuration, or None.
+    """
+
+    mask: PyramidBlockMask
+    pooled_kv: tuple[torch.Tensor, torch.Tensor] | None
+    scale: float
+    backend: str
+    kernel_config: dict | None = None
+
+
+def plan_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor | None = None,
+    config: PSAConfig | None = None,
+    *,
+    mask: PyramidBlockMask | None = None,
+    scale: float | None = None,
+    text_len: int = 0,
+    backend: str = "auto",
+    kernel_config: dict | None = None,
+) -> PSAPlan:
+    """Build the mask of q ``[B, H, Lq, D]`` against k ``[B, H, Lkv, D]`` once (or take ``mask``), and pool v.
+
+    Tokens are taken in the order attention sees them (reorder beforehand with
+    ``ordering.reorder_tokens`` for Gilbert order). With ``v`` on the Triton path, K and V are
+    pooled into the plan, so :func:`run_attention` on the same k, v runs only the sparse kernel.
+    ``kernel_config`` overrides the attention kernel's entry of ``ops.kernel_configs``.
+    """
+    check_qkv(q, k, k if v is None else v)
+    config = _check_config(config)
+    _check_text_and_grid(q.shape[2], k.shape[2], text_len, None)
+    backend = resolve_backend(backend, q, k, k if v is None else v, names=("q", "k", "v"))
+    scale = q.shape[3] ** -0.5 if scale is None else float(scale)
+    if mask is None:
+        mask = _mask_of(q, k, config, text_len, scale, backend)
+    else:
+        mask = _check_mask(mask, q, k.shape[2])
+    pooled = pool_kv_triton(k, v) if backend == "triton" and v is not None else None
+    return PSAPlan(mask, pooled, scale, backend, dict(kernel_config) if kernel_config else None)
+
+
+def run_attention(plan: PSAPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Sparse pyramid attention of q, k, v ``[B, H, L, D]`` with a :class:`PSAPlan`: ``[B, H, Lq, D]``.
+
+    The plan's pooled K/V are used as they are: pass the k, v the plan was made with. Without
+    pooled K/V or kernel overrides it runs the ``psa.attention`` op, so it is differentiable.
+    """
+    check_qkv(q, k, v)
+    mask = _check_mask(plan.mask, q, k.shape[2])
+    if plan.pooled_kv is None and plan.kernel_config is None:  # through the op: compile and autograd attach
+        args = (mask.kv_counts, mask.kv_indices, mask.block_q, mask.block_kv, plan.scale, plan.backend)
+        return torch.ops.psa.attention(q, k, v, *args)
+    return sparse_attention(q, k, v, plan.mask, plan.scale, backend=plan.backend, pooled=plan.pooled_kv,
+                            config=plan.kernel_config)  # fmt: skip

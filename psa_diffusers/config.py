@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -14,13 +15,34 @@ MODES = ("quota", "mass", "budget")
 TOKEN_ORDERS = ("gilbert", "none")
 LEVELS = (1, 2, 4, 8)
 """Pooling factors of the pyramid, finest first. Level 0 (skip) is not listed."""
+POOLED_LEVELS = LEVELS[1:]
+"""The factors that pool (2, 4, 8): pooled buffers, similarity caps and logit variances are kept for these."""
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _check_int(name: str, value: Any) -> int:
+    """``value`` as an int; a ValueError naming the field for a bool, a float (even 64.0) or anything else."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        return operator.index(value)
+    except TypeError:
+        raise ValueError(f"PSAConfig.{name}={value!r}: expected an int, got {type(value).__name__}") from None
 
 
 def _check_tuple(name: str, value: Any, length: int) -> tuple[float, ...]:
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise ValueError(f"PSAConfig.{name}={value!r}: expected a sequence of {length} numbers")
+    raw = tuple(value)
+    if not all(_is_number(x) for x in raw):
+        raise ValueError(f"PSAConfig.{name}={value!r}: expected a sequence of {length} numbers (no booleans)")
     try:
-        items = tuple(float(x) for x in value)
-    except TypeError:
-        raise ValueError(f"PSAConfig.{name}={value!r}: expected a sequence of {length} numbers") from None
+        items = tuple(float(x) for x in raw)
+    except OverflowError:
+        raise ValueError(f"PSAConfig.{name}={value!r}: every value must be finite") from None
     if len(items) != length:
         raise ValueError(f"PSAConfig.{name}={value!r}: expected {length} numbers, got {len(items)}")
     if not all(math.isfinite(x) for x in items):
@@ -39,7 +61,7 @@ class PSAConfig:
               cumulative importance-mass thresholds for levels 1, 2, 4, 8;
               "budget" -- each row gets ``target_density`` of the dense work and
               spends it on the levels that remove the most estimated output error
-              (``allocation.py``); ``budgets`` and ``min_full_share`` are not used.
+              (``psa_diffusers.budget``; docs/allocation.md); ``budgets`` and ``min_full_share`` are not used.
     budgets:  four numbers for the pooling factors 1, 2, 4, 8 (see ``mode``).
     min_full_share: the least share of each row's blocks kept at level 1 (quota and mass modes).
     sim_thresholds: optional cosine-similarity thresholds (tau_2, tau_4, tau_8)
@@ -47,8 +69,8 @@ class PSAConfig:
     token_order: "gilbert" reorders video tokens along a 3D Gilbert curve;
               "none" keeps raster order.
     importance_stride: the importance estimate samples every n-th query and
-              key of each block (deterministic; see ``importance.py``); quota and mass modes.
-    target_density: the FLOP density (DESIGN section 1) each row is allocated in
+              key of each block (deterministic; see ``ops/importance``); quota and mass modes.
+    target_density: the FLOP density (docs/design.md, section 1) each row is allocated in
               "budget" mode, in (0, 1]; required there, must be None otherwise.
     """
 
@@ -63,6 +85,11 @@ class PSAConfig:
     target_density: float | None = None
 
     def __post_init__(self) -> None:
+        for name in ("block_q", "block_kv", "importance_stride"):
+            object.__setattr__(self, name, _check_int(name, getattr(self, name)))
+        for name in ("mode", "token_order"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"PSAConfig.{name}={getattr(self, name)!r}: expected a string")
         if self.block_q not in BLOCK_Q_SIZES:
             raise ValueError(f"PSAConfig.block_q={self.block_q!r}: allowed values are {BLOCK_Q_SIZES}")
         if self.block_kv not in BLOCK_KV_SIZES:
@@ -85,7 +112,7 @@ class PSAConfig:
             if any(b2 < b1 for b1, b2 in zip(budgets, budgets[1:])):
                 raise ValueError(f"PSAConfig.budgets={budgets}: mass thresholds must not decrease")
         object.__setattr__(self, "budgets", budgets)
-        if not (isinstance(self.min_full_share, (int, float)) and 0.0 <= self.min_full_share <= 1.0):
+        if not (_is_number(self.min_full_share) and 0.0 <= self.min_full_share <= 1.0):
             raise ValueError(f"PSAConfig.min_full_share={self.min_full_share!r}: must be a number in [0, 1]")
         object.__setattr__(self, "min_full_share", float(self.min_full_share))
         if self.sim_thresholds is not None:
@@ -93,7 +120,7 @@ class PSAConfig:
             if any(not -1.0 <= s <= 1.0 for s in sims):
                 raise ValueError(f"PSAConfig.sim_thresholds={sims}: cosine thresholds must lie in [-1, 1]")
             object.__setattr__(self, "sim_thresholds", sims)
-        if not isinstance(self.importance_stride, int) or self.importance_stride < 1:
+        if self.importance_stride < 1:
             raise ValueError(f"PSAConfig.importance_stride={self.importance_stride!r}: must be an integer >= 1")
         if self.block_q % self.importance_stride or self.block_kv % self.importance_stride:
             raise ValueError(
@@ -104,7 +131,7 @@ class PSAConfig:
             td = self.target_density
             if td is None:
                 raise ValueError("PSAConfig.target_density=None: mode='budget' needs a target density in (0, 1]")
-            if isinstance(td, bool) or not isinstance(td, (int, float)) or not (math.isfinite(td) and 0.0 < td <= 1.0):
+            if not _is_number(td) or not (math.isfinite(td) and 0.0 < td <= 1.0):
                 raise ValueError(f"PSAConfig.target_density={td!r}: must be a number in (0, 1]")
             object.__setattr__(self, "target_density", float(td))
         elif self.target_density is not None:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.overrides import TorchFunctionMode
 
-from .video import GenerationResult, generate, relative_difference
+from .generation import GenerationResult, generate
 
 logger = logging.getLogger(__name__)
 
@@ -159,6 +159,12 @@ def run_demo(
     result.files.append(plot_density(result.runs, out / "density.png"))
     result.seconds = time.perf_counter() - start
     return result
+
+
+def relative_difference(a: np.ndarray, b: np.ndarray) -> float:
+    """``||a - b|| / ||b||`` (L2 over all elements)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
 
 
 def _tiny_pipeline(family: str, seed: int):

@@ -23,7 +23,8 @@ from .config import LEVELS
 _ALLOWED = (0,) + LEVELS
 
 
-def _ceil_div(a: int, b: int) -> int:
+def ceil_div(a: int, b: int) -> int:
+    """``ceil(a / b)`` for positive ints."""
     return -(-a // b)
 
 
@@ -91,11 +92,16 @@ class PyramidBlockMask:
             raise ValueError(
                 f"level_map row (b, h, i)={tuple(where)} skips every KV block; every query block must see at least one"
             )
-        return cls._compact(lm, block_q=block_q, block_kv=block_kv)
+        return cls.from_valid_level_map(lm, block_q=block_q, block_kv=block_kv)
 
     @classmethod
-    def _compact(cls, lm: torch.Tensor, *, block_q: int, block_kv: int) -> PyramidBlockMask:
-        """Compact an already valid int64 level map (no checks, no host sync)."""
+    def from_valid_level_map(cls, level_map: torch.Tensor, *, block_q: int, block_kv: int) -> PyramidBlockMask:
+        """Compact a level map ``[B, H, Nq, Nk]`` the caller knows to be valid: no checks, no host sync.
+
+        The fast path of :meth:`from_level_map` for maps made by code (the level rules, benchmarks);
+        a map with a value outside {0, 1, 2, 4, 8} or an all-zero row gives a mask the kernels misread.
+        """
+        lm = level_map.to(torch.int64)
         nk = lm.shape[-1]
         rank = level_rank(lm)
         key = rank * nk + torch.arange(nk, device=lm.device)
@@ -133,15 +139,15 @@ class PyramidBlockMask:
     def check_fits(self, seq_len_q: int, seq_len_kv: int) -> None:
         """Raise ValueError unless the mask's block grid covers these sequence lengths exactly."""
         _, _, nq, nk = self.shape
-        if nq != _ceil_div(seq_len_q, self.block_q) or nk != _ceil_div(seq_len_kv, self.block_kv):
+        if nq != ceil_div(seq_len_q, self.block_q) or nk != ceil_div(seq_len_kv, self.block_kv):
             raise ValueError(
                 f"mask with {nq}x{nk} blocks of {self.block_q}x{self.block_kv} does not fit seq_len_q={seq_len_q}, "
-                f"seq_len_kv={seq_len_kv} (needs {_ceil_div(seq_len_q, self.block_q)}x"
-                f"{_ceil_div(seq_len_kv, self.block_kv)} blocks)"
+                f"seq_len_kv={seq_len_kv} (needs {ceil_div(seq_len_q, self.block_q)}x"
+                f"{ceil_div(seq_len_kv, self.block_kv)} blocks)"
             )
 
     def density_map(self, seq_len_q: int, seq_len_kv: int) -> torch.Tensor:
-        """FLOP-weighted density per (b, h): ``[B, H]`` float64 (DESIGN section 1)."""
+        """FLOP-weighted density per (b, h): ``[B, H]`` float64 (docs/design.md, section 1)."""
         self.check_fits(seq_len_q, seq_len_kv)
         _, _, nq, nk = self.shape
         lm = self.to_level_map().double()

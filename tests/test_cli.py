@@ -71,7 +71,7 @@ def test_console_entry_point_runs_as_a_module():
 
 
 def test_preset_for_model():
-    from psa_diffusers.video import preset_for_model
+    from psa_diffusers.diffusers.families import preset_for_model
 
     assert preset_for_model("Wan-AI/Wan2.1-T2V-14B-Diffusers", "wan") == "wan2.1-14b"
     assert preset_for_model("/models/CogVideoX-5b", "cogvideox") == "cogvideox-5b"  # a local copy, same name
@@ -95,3 +95,46 @@ def test_generate_on_a_saved_tiny_wan_pipeline(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "seconds per step" in out and "mean attention density" in out
     assert iio.imread(video, index=None).shape == (5, 64, 64, 3)
+
+
+@pytest.fixture(scope="module")
+def tiny_cogvideox_with_lora(tmp_path_factory):
+    """A saved tiny CogVideoX pipeline and a rank-4 LoRA for it in a folder."""
+    pytest.importorskip("peft")
+    from diffusers import CogVideoXPipeline
+
+    from psa_diffusers.diffusers.tiny import tiny_cogvideox_pipeline
+
+    root = tmp_path_factory.mktemp("cli-lora")
+    pipe = tiny_cogvideox_pipeline()
+    pipe.save_pretrained(root / "tiny-cogvideox")
+    layers = {}
+    for name, module in pipe.transformer.named_modules():
+        if name.endswith(("attn1.to_q", "attn1.to_k")):
+            layers[f"{name}.lora_A.weight"] = module.weight.new_full((4, module.in_features), 0.01)
+            layers[f"{name}.lora_B.weight"] = module.weight.new_full((module.out_features, 4), 0.01)
+    CogVideoXPipeline.save_lora_weights(root / "lora" / "sub", transformer_lora_layers=layers)
+    return root
+
+
+def test_generate_with_a_local_lora(tiny_cogvideox_with_lora, tmp_path, capsys):
+    import imageio.v3 as iio
+
+    root = tiny_cogvideox_with_lora
+    video = tmp_path / "lora.mp4"
+    argv = ["generate", "--model", str(root / "tiny-cogvideox"), "--prompt", "a cat", "--steps", "2"]
+    argv += ["--lora", str(root / "lora"), "--lora-weight-name", "sub/pytorch_lora_weights.safetensors"]
+    argv += ["--height", "64", "--width", "64", "--frames", "9", "--output", str(video), "--device", "cpu"]
+    assert main(argv) == 0
+    assert f"wrote {video}" in capsys.readouterr().out
+    assert iio.imread(video, index=None).shape == (9, 64, 64, 3)
+
+
+def test_generate_refuses_a_lora_weight_name_outside_the_folder(tiny_cogvideox_with_lora, tmp_path, capsys):
+    root = tiny_cogvideox_with_lora
+    argv = ["generate", "--model", str(root / "tiny-cogvideox"), "--lora", str(root / "lora" / "sub")]
+    argv += ["--lora-weight-name", "../../tiny-cogvideox/model_index.json", "--output", str(tmp_path / "x.mp4")]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "contains '..'" in err and "Traceback" not in err
+    assert not (tmp_path / "x.mp4").exists()

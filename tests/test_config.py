@@ -60,3 +60,45 @@ def test_from_dict_round_trip_and_unknown_field():
 def test_any_quota_within_bounds_is_accepted(shares, bq, bkv):
     cfg = PSAConfig(block_q=bq, block_kv=bkv, budgets=tuple(shares))
     assert cfg.replace(mode="quota") == cfg
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("block_q", 64.0),
+        ("block_kv", 32.0),
+        ("block_q", True),
+        ("block_kv", False),
+        ("importance_stride", True),
+        ("importance_stride", 8.0),
+    ],
+    ids=lambda x: repr(x),
+)
+def test_integer_fields_refuse_floats_and_booleans(field, value):
+    with pytest.raises(ValueError, match=rf"PSAConfig\.{field}=") as err:
+        PSAConfig(**{field: value})
+    assert "expected an int" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(budgets=(True, 0.05, 0.0, 0.2)), "budgets"),
+        (dict(sim_thresholds=(0.7, False, 0.6)), "sim_thresholds"),
+        (dict(min_full_share=True), "min_full_share"),
+        (dict(mode="budget", target_density=True), "target_density"),
+        (dict(budgets=(10**400, 0, 0, 0)), "budgets"),
+        (dict(budgets="abcd"), "budgets"),
+        (dict(mode=1), "mode"),
+    ],
+    ids=["bool-budget", "bool-threshold", "bool-share", "bool-density", "huge-int", "string", "mode-int"],
+)
+def test_numeric_fields_refuse_booleans_and_junk(kwargs, field):
+    with pytest.raises(ValueError, match=rf"PSAConfig\.{field}="):
+        PSAConfig(**kwargs)
+
+
+def test_integer_like_values_are_stored_as_int():
+    import numpy as np
+    cfg = PSAConfig(block_q=np.int64(64), block_kv=np.int32(32))
+    assert type(cfg.block_q) is int and type(cfg.block_kv) is int and cfg.block_q == 64

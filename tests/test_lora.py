@@ -308,3 +308,149 @@ def test_refuses_a_preset_of_another_family(pipe, good_lora):
     with pytest.raises(ValueError, match="wan"):
         load_psa_lora(pipe, good_lora, preset="wan2.1-1.3b")
     assert_unchanged(pipe, before)
+
+
+# ------------------------------------------------------------------------------------------ untrusted files
+
+
+Q = "transformer.transformer_blocks.0.attn1.to_q"
+MODULES = [f"transformer.transformer_blocks.{i}.{t}" for i in range(2) for t in TARGETS]
+
+MALFORMED_METADATA = {
+    "not_json": "{not json",
+    "json_list": "[1, 2]",
+    "json_number": "4",
+    "json_null": "null",
+    "no_transformer_entries": json.dumps({"r": 4, "lora_alpha": 4}),
+    "r_not_an_integer": json.dumps({"transformer.r": "4", "transformer.lora_alpha": 4}),
+    "rank_pattern_a_list": json.dumps({"transformer.r": 4, "transformer.rank_pattern": ["to_q", 2]}),
+    "rank_pattern_a_string": json.dumps({"transformer.r": 4, "transformer.rank_pattern": "to_q"}),
+    "rank_pattern_bad_regex": json.dumps({"transformer.r": 4, "transformer.rank_pattern": {"to_(q": 4}}),
+    "rank_pattern_rank_not_an_integer": json.dumps({"transformer.r": 4, "transformer.rank_pattern": {"to_q": "four"}}),
+    "lora_bias_not_a_bool": json.dumps({"transformer.r": 4, "transformer.lora_bias": "no"}),
+}
+
+
+def _metadata(text: str) -> dict[str, str]:
+    return {"lora_adapter_metadata": text, "format": "pt"}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED_METADATA))
+def test_malformed_metadata_is_a_value_error_naming_the_file(pipe, tmp_path, case):
+    path = tmp_path / f"{case}.safetensors"
+    save_file(_good(pipe), str(path), metadata=_metadata(MALFORMED_METADATA[case]))
+    before = snapshot(pipe)
+    with pytest.raises(ValueError) as err:
+        load_psa_lora(pipe, path)
+    assert str(path) in str(err.value) and "lora_adapter_metadata" in str(err.value)
+    assert_unchanged(pipe, before)
+
+
+def test_metadata_with_a_rank_pattern_loads(pipe, tmp_path):
+    """diffusers-style metadata (prefixed entries, a regex rank_pattern) is accepted and loads."""
+    tensors = _good(pipe)
+    for module in MODULES:
+        if module.endswith("to_q"):  # rank 2 on to_q, 4 elsewhere
+            tensors[f"{module}.lora_A.weight"] = tensors[f"{module}.lora_A.weight"][:2].clone()
+            tensors[f"{module}.lora_B.weight"] = tensors[f"{module}.lora_B.weight"][:, :2].clone()
+    meta = {"r": RANK, "lora_alpha": RANK, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]}
+    meta |= {"rank_pattern": {r"attn1\.to_q": 2}, "alpha_pattern": {r"attn1\.to_q": 2}}
+    path = tmp_path / "meta_ok.safetensors"
+    save_file(tensors, str(path), metadata=_metadata(json.dumps({f"transformer.{k}": v for k, v in meta.items()})))
+    lora = load_psa_lora(pipe, path)
+    assert lora.modules == len(MODULES)
+    assert pipe.transformer.get_submodule(Q[len("transformer.") :]).r["psa"] == 2
+    lora.remove()
+
+
+@pytest.mark.parametrize("part", ["lora_B.bias", "lora_magnitude_vector"])
+def test_a_part_on_only_some_modules_is_refused(pipe, tmp_path, part):
+    """diffusers gives every module the part if any key has it, and loads the others only partially."""
+    path = tmp_path / "some.safetensors"
+    save_file({**_good(pipe), f"{Q}.{part}": torch.ones(32)}, str(path))
+    before = snapshot(pipe)
+    with pytest.raises(ValueError) as err:
+        load_psa_lora(pipe, path)
+    message = str(err.value)
+    assert str(path) in message and part in message
+    assert "transformer_blocks.0.attn1.to_k" in message  # one module without the part
+    assert_unchanged(pipe, before)
+
+
+@pytest.mark.parametrize("part", ["lora_B.bias", "lora_magnitude_vector"])
+def test_a_part_on_every_module_loads_in_full(pipe, tmp_path, part):
+    before = snapshot(pipe)
+    values = {
+        module: torch.rand(32, generator=torch.Generator().manual_seed(i)) + 0.5 for i, module in enumerate(MODULES)
+    }
+    path = tmp_path / "all.safetensors"
+    save_file({**_good(pipe), **{f"{m}.{part}": v for m, v in values.items()}}, str(path))
+    lora = load_psa_lora(pipe, path)
+    for module, value in values.items():
+        layer = pipe.transformer.get_submodule(module[len("transformer.") :])
+        loaded = layer.lora_B["psa"].bias if part == "lora_B.bias" else layer.lora_magnitude_vector["psa"].weight
+        assert torch.equal(loaded.detach(), value), module
+    lora.remove()
+    assert_unchanged(pipe, before)
+
+
+def test_metadata_without_lora_bias_for_a_file_with_biases_is_refused(pipe, tmp_path):
+    """With metadata, diffusers takes lora_bias from it: the file's biases would be dropped with a warning."""
+    path = tmp_path / "bias_meta.safetensors"
+    tensors = {**_good(pipe), **{f"{m}.lora_B.bias": torch.ones(32) for m in MODULES}}
+    meta = {"transformer.r": RANK, "transformer.lora_alpha": RANK, "transformer.target_modules": ["to_q"]}
+    save_file(tensors, str(path), metadata=_metadata(json.dumps(meta)))
+    before = snapshot(pipe)
+    with pytest.raises(ValueError, match="lora_bias") as err:
+        load_psa_lora(pipe, path)
+    assert str(path) in str(err.value)
+    assert_unchanged(pipe, before)
+
+
+def _escaping_names(folder, good_lora) -> dict[str, str]:
+    import os
+    from pathlib import Path
+
+    (folder / "link").symlink_to(Path(good_lora).parent, target_is_directory=True)
+    return {
+        "dot_dot": os.path.relpath(good_lora, folder),
+        "dot_dot_inside": "sub/../" + os.path.relpath(good_lora, folder),
+        "absolute": str(Path(good_lora).resolve()),
+        "backslash_dot_dot": "..\\" + Path(good_lora).name,
+        "symlinked_folder": f"link/{WEIGHT}",
+    }
+
+
+@pytest.mark.parametrize("case", ["dot_dot", "dot_dot_inside", "absolute", "backslash_dot_dot", "symlinked_folder"])
+def test_weight_name_outside_the_folder_is_refused(pipe, good_lora, tmp_path, case):
+    folder = tmp_path / "folder"
+    (folder / "sub").mkdir(parents=True)
+    weight_name = _escaping_names(folder, good_lora)[case]
+    before = snapshot(pipe)
+    with pytest.raises(ValueError, match="weight_name") as err:
+        load_psa_lora(pipe, folder, weight_name)
+    assert str(folder) in str(err.value)
+    assert_unchanged(pipe, before)
+
+
+def test_weight_name_in_a_subfolder_and_a_symlinked_file_are_accepted(pipe, good_lora, tmp_path):
+    """The default weight_name has a subfolder; hub cache snapshots hold files as symlinks to ../../blobs."""
+    import shutil
+
+    folder = tmp_path / "snapshot"
+    (folder / "sub").mkdir(parents=True)
+    shutil.copy(good_lora, folder / "sub" / WEIGHT)
+    (folder / WEIGHT).symlink_to(good_lora)
+    for weight_name in (f"sub/{WEIGHT}", WEIGHT):
+        load_psa_lora(pipe, folder, weight_name).remove()
+
+
+def test_hub_weight_name_with_dot_dot_is_refused_before_any_download(pipe, monkeypatch):
+    import huggingface_hub
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("hf_hub_download must not be called")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_download)
+    with pytest.raises(ValueError, match="weight_name"):
+        load_psa_lora(pipe, "GYP666/BLADE", "../../outside.safetensors")

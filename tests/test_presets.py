@@ -1,10 +1,11 @@
-"""Presets: the DESIGN section 4 table, step schedules, file loading and its error messages."""
+"""Presets: the table of docs/design.md, section 4, step schedules, file loading and its error messages."""
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
 import json
+import time
 from importlib import resources
 
 import pytest
@@ -13,9 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from psa_diffusers.config import PSAConfig
-from psa_diffusers.presets import Preset, get_preset, list_presets, load_preset
+from psa_diffusers.presets import MAX_DEPTH, MAX_FILE_BYTES, Preset, get_preset, list_presets, load_preset
 
-# DESIGN.md section 4, written out by hand (not read from the JSON files):
+# docs/design.md, section 4, written out by hand (not read from the JSON files):
 # name: (family, steps, dense steps, mode, budgets, block_q, block_kv, token_order, sim_thresholds)
 DESIGN_TABLE = {
     "cogvideox-5b": ("cogvideox", 50, 15, "quota", (0.10, 0.05, 0.0, 0.20), 128, 128, "none", None),
@@ -380,3 +381,116 @@ def test_to_dict_from_dict_round_trips(preset):
     assert Preset.from_dict(json.loads(json.dumps(data))) == preset
     assert Preset.from_dict(yaml.safe_load(yaml.safe_dump(data))) == preset
     assert hash(Preset.from_dict(data)) == hash(preset)
+
+
+# -- untrusted files: bounded size, depth, aliases and numbers ------------------------------------
+
+
+def _load_timed(path):
+    """load_preset(path) must refuse the file with a ValueError naming it, in well under 2 s."""
+    start = time.perf_counter()
+    with pytest.raises(ValueError) as info:
+        load_preset(path)
+    assert time.perf_counter() - start < 2.0
+    assert str(info.value).startswith(f"{path}: ")
+    return str(info.value)
+
+
+def test_yaml_alias_bomb_is_refused_quickly(tmp_path):
+    # "billion laughs": each level lists the previous one ten times, 10**7 strings once expanded
+    lines = ['l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, 7)]
+    data = {k: v for k, v in _base().items() if k != "scheduler_kwargs"}
+    path = tmp_path / "bomb.yaml"
+    path.write_text(yaml.safe_dump(data) + "scheduler_kwargs:\n  " + "\n  ".join(lines) + "\n", encoding="utf-8")
+    assert len(path.read_bytes()) < 1500
+    assert "aliases" in _load_timed(path)
+
+
+def test_yaml_alias_is_refused_even_when_small(tmp_path):
+    path = tmp_path / "alias.yaml"
+    data = {k: v for k, v in _base().items() if k not in ("description", "models")}
+    path.write_text(yaml.safe_dump(data) + "description: &d hi\nmodels: [*d]\n", encoding="utf-8")
+    assert "aliases" in _load_timed(path)
+
+
+def _nested(depth):
+    """A preset whose deepest list sits ``depth`` lists/mappings deep (top mapping and scheduler_kwargs count)."""
+    value = "leaf"
+    for _ in range(depth - 2):
+        value = [value]
+    return _with("scheduler_kwargs", {"x": value})
+
+
+@pytest.mark.parametrize("suffix", [".json", ".yaml"])
+def test_nesting_up_to_the_limit_loads(tmp_path, suffix):
+    path = tmp_path / f"deep{suffix}"
+    data = _nested(MAX_DEPTH)
+    path.write_text(json.dumps(data) if suffix == ".json" else yaml.safe_dump(data), encoding="utf-8")
+    assert load_preset(path) == Preset.from_dict(data)
+    path.write_text(json.dumps(_nested(MAX_DEPTH + 1)), encoding="utf-8")  # JSON is YAML too
+    assert "nested deeper than 32 levels" in _load_timed(path)
+
+
+DEEP_FILES = [
+    ("flow.json", '{"name": ' + "[" * 50_000 + "]" * 50_000 + "}"),
+    ("object.json", '{"a": ' * 50_000 + "1" + "}" * 50_000),
+    ("unclosed.json", "[" * 500_000),
+    ("flow.yaml", "name: " + "[" * 50_000 + "]" * 50_000 + "\n"),
+    ("block.yaml", "".join(" " * i + "a:\n" for i in range(1000)) + " " * 1000 + "b: 1\n"),
+    ("dashes.yml", "- " * 50_000 + "x\n"),
+]
+
+
+@pytest.mark.parametrize(("file_name", "text"), DEEP_FILES, ids=[f[0] for f in DEEP_FILES])
+def test_deep_nesting_is_refused_quickly(tmp_path, file_name, text):
+    path = tmp_path / file_name
+    path.write_text(text, encoding="utf-8")
+    assert "nested deeper than 32 levels" in _load_timed(path)
+
+
+def test_json_brackets_inside_strings_do_not_count(tmp_path):
+    path = tmp_path / "brackets.json"
+    path.write_text(json.dumps(_with("description", '[{ "\\" ' * 100)), encoding="utf-8")
+    assert load_preset(path).description == '[{ "\\" ' * 100
+
+
+HUGE = "1" + "0" * 4999  # beyond Python's int-string conversion limit (4300 digits)
+BIG = "1" + "0" * 350  # converts, but beyond the float range
+HUGE_NUMBERS = [
+    ("num_steps", HUGE),
+    ("config.block_q", HUGE),
+    ("config.importance_stride", "-" + HUGE),
+    ("scheduler_kwargs.seed", HUGE),
+    ("guidance_scale", BIG),
+    ("config.min_full_share", BIG),
+    ("config.target_density", BIG),
+    ("dense_steps", BIG),
+]
+
+
+@pytest.mark.parametrize("suffix", [".json", ".yaml"])
+@pytest.mark.parametrize(("field", "literal"), HUGE_NUMBERS, ids=[f"{f}-{len(v)}" for f, v in HUGE_NUMBERS])
+def test_huge_integers_name_file_and_field(tmp_path, suffix, field, literal):
+    path = tmp_path / f"huge{suffix}"
+    data = _with(field, 123456789)
+    text = json.dumps(data) if suffix == ".json" else yaml.safe_dump(data)
+    path.write_text(text.replace("123456789", literal), encoding="utf-8")
+    message = _load_timed(path)
+    assert f"field '{field}'" in message and "too large" in message
+    assert len(message) < 300
+
+
+@pytest.mark.parametrize("field", ["num_steps", "guidance_scale", "config.budgets", "scheduler_kwargs.seed"])
+def test_from_dict_refuses_huge_integers_naming_the_field(field):
+    value = [10**5000, 0, 0, 0] if field == "config.budgets" else 10**5000
+    with pytest.raises(ValueError, match=rf"^src: field '{field}': integer too large"):
+        Preset.from_dict(_with(field, value), source="src")
+
+
+def test_oversized_file_is_refused(tmp_path):
+    path = tmp_path / "big.json"
+    path.write_text(json.dumps(_with("description", "x" * MAX_FILE_BYTES)), encoding="utf-8")
+    assert f"larger than {MAX_FILE_BYTES} bytes" in _load_timed(path)
+    path.write_text(json.dumps(_with("description", "x" * (MAX_FILE_BYTES - 2000))), encoding="utf-8")
+    assert load_preset(path).description == "x" * (MAX_FILE_BYTES - 2000)

@@ -40,7 +40,7 @@ def tiny_preset(family: str, *, num_steps: int = 4, dense_steps: int = 2, config
 
 def expected_density(family: str) -> float:
     """FLOP-weighted density of ``SPARSE`` on the tiny grid; CogVideoX's text is seen by every query at
-    level 1 and its text queries attend densely (DESIGN section 2.4)."""
+    level 1 and its text queries attend densely (docs/design.md, section 2)."""
     if family == "wan":
         return SPARSE_VIDEO_DENSITY
     n, t = VIDEO_TOKENS, TINY_TEXT_LEN

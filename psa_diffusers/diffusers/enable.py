@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ..config import PSAConfig
+from .families import family_of_transformer
 from .hooks import PSAStepHook, find_step_hook, register_step_hook, remove_step_hook
 from .processor import PSAProcessor, resolve_schedule
 from .state import LayerStats, PSAState, mean_density
@@ -26,17 +27,6 @@ logger = logging.getLogger(__name__)
 
 TRANSFORMER_ATTRS = ("transformer", "transformer_2")
 """Pipeline attributes that may hold a denoising transformer (``transformer_2``: Wan2.2's low-noise expert)."""
-
-
-def model_family(model: Any) -> str | None:
-    """The family ("cogvideox" or "wan") of a transformer PSA supports, else None."""
-    from diffusers import CogVideoXTransformer3DModel, WanTransformer3DModel
-
-    if isinstance(model, CogVideoXTransformer3DModel):
-        return "cogvideox"
-    if isinstance(model, WanTransformer3DModel):
-        return "wan"
-    return None
 
 
 def _transformers(pipe_or_transformer: Any) -> tuple[Any, dict[str, torch.nn.Module]]:
@@ -218,7 +208,7 @@ def enable_psa(
     anything. Returns a ``PSAHandle``; ``with enable_psa(pipe) as handle: ...`` disables on exit.
     """
     pipe, models = _transformers(pipe_or_transformer)
-    families = {attr: model_family(model) for attr, model in models.items()}
+    families = {attr: family_of_transformer(model) for attr, model in models.items()}
     for attr, family in families.items():
         if family is None:
             raise ValueError(

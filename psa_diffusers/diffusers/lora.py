@@ -5,26 +5,27 @@
     video = pipe(prompt, **lora.call_kwargs).frames[0]   # 4 steps, guidance 1.0
     lora.remove()                                   # back to the pipeline as it was
 
-``load_psa_lora`` checks the LoRA file against the pipeline's transformer *before* it changes anything
-(diffusers only warns about keys that match no module and would load a partial LoRA), then loads it
-through diffusers and peft, swaps in the preset's scheduler, enables PSA with the preset and optionally
-fuses the LoRA. If any of that fails, everything done so far is undone: the pipeline is left as it was.
+``load_psa_lora`` finds the file (``lora_source.resolve_lora_file``) and checks it against the
+pipeline's transformer (``lora_check.check_lora_file``) *before* it changes anything (diffusers only
+warns about keys that match no module and would load a partial LoRA), then loads it through diffusers
+and peft, swaps in the preset's scheduler, enables PSA with the preset and optionally fuses the LoRA.
+All of that is one transaction (``_Undo``): if any of it fails, everything done so far is undone and
+the pipeline is left as it was; ``PSALora.remove`` runs the same undo later.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import re
-from collections import defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..presets import Preset, get_preset
+from .families import family_of_transformer
+from .lora_check import check_lora_file
+from .lora_source import resolve_lora_file
 
 logger = logging.getLogger(__name__)
 
@@ -32,22 +33,7 @@ DEFAULT_REPO = "GYP666/BLADE"
 DEFAULT_WEIGHT_NAME = "cogvideox-5b-psa-lora/pytorch_lora_weights.safetensors"
 DEFAULT_PRESET = "cogvideox-5b-4step"
 
-_LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_magnitude_vector)$")
-_PREFIX = "transformer."
-# Key layouts of LoRA files, to say what a file that does not fit looks like.
-_LAYOUT_HINTS = (
-    (
-        "transformer.transformer_blocks.",
-        "a diffusers LoRA for CogVideoX-style blocks ('transformer.transformer_blocks.N...')",
-    ),
-    ("transformer.blocks.", "a diffusers LoRA for Wan ('transformer.blocks.N...')"),
-    ("diffusion_model.", "an original-format (non-diffusers) checkpoint ('diffusion_model....')"),
-    ("lora_unet_", "a kohya/musubi-format LoRA ('lora_unet_...')"),
-    ("unet.", "a UNet LoRA (Stable Diffusion style, 'unet....')"),
-    ("text_encoder", "a text-encoder LoRA"),
-)
-_FAMILY_LAYOUT = {"cogvideox": "transformer.transformer_blocks.", "wan": "transformer.blocks."}
-_EXAMPLES = 3
+__all__ = ["DEFAULT_PRESET", "DEFAULT_REPO", "DEFAULT_WEIGHT_NAME", "PSALora", "load_psa_lora"]
 
 
 # ----------------------------------------------------------------------------------------------- result
@@ -82,270 +68,7 @@ class PSALora:
         self._undo.run()
 
 
-# ----------------------------------------------------------------------------------------------- files
-
-
-def resolve_lora_file(repo_or_path: str | os.PathLike[str], weight_name: str | None = None) -> Path:
-    """The local ``.safetensors`` file for a hub repo id, a local directory or a local file.
-
-    A local file is used as is (``weight_name`` ignored); for a directory, ``weight_name`` is the file
-    inside it; anything else is taken as a hub repo id and ``weight_name`` is downloaded (or taken from
-    the local cache). A missing local file raises ``FileNotFoundError``; a hub that cannot be reached,
-    or a repo/file that does not exist there, raises ``OSError`` saying so, with what to do instead.
-    """
-    source = os.fspath(repo_or_path)
-    path = Path(source).expanduser()
-    if path.is_file():
-        return path
-    if path.is_dir():
-        if not weight_name:
-            raise FileNotFoundError(f"{path}: is a directory; pass weight_name, the LoRA file inside it")
-        file = path / weight_name
-        if not file.is_file():
-            raise FileNotFoundError(f"{file}: no such LoRA file (directory {path}, weight_name {weight_name!r})")
-        return file
-    if _looks_like_path(source):
-        raise FileNotFoundError(f"{source}: no such LoRA file or directory")
-    if not weight_name:
-        raise ValueError(f"{source}: a hub repo id needs weight_name, the LoRA file's path in the repo")
-    return _hub_download(source, weight_name)
-
-
-def _looks_like_path(source: str) -> bool:
-    return (
-        source.startswith((".", "/", "~", "\\"))
-        or source.count("/") > 1
-        or (os.sep != "/" and os.sep in source)
-        or source.endswith((".safetensors", ".bin", ".pt", ".pth"))
-    )
-
-
-def _hub_download(repo_id: str, weight_name: str) -> Path:
-    from huggingface_hub import constants, hf_hub_download
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        HFValidationError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-    )
-
-    where = f"hub repo {repo_id!r}, file {weight_name!r}"
-    try:
-        return Path(hf_hub_download(repo_id, weight_name))
-    except LocalEntryNotFoundError as err:
-        why = (
-            "HF_HUB_OFFLINE is set"
-            if constants.HF_HUB_OFFLINE
-            else "the Hugging Face hub cannot be reached (no network?)"
-        )
-        raise OSError(
-            f"{where}: not in the local cache and {why}. Download it where there is a network "
-            f"(`huggingface-cli download {repo_id} {weight_name}`) and set HF_HUB_OFFLINE=1, "
-            f"or pass a local path to the .safetensors file"
-        ) from err
-    except RepositoryNotFoundError as err:
-        raise OSError(f"{where}: no such repository on the hub (or it is private: log in first)") from err
-    except EntryNotFoundError as err:
-        raise OSError(f"{where}: the repository has no such file") from err
-    except HFValidationError as err:
-        raise FileNotFoundError(f"{repo_id}: neither a local file or directory nor a valid hub repo id") from err
-
-
-# ----------------------------------------------------------------------------------------------- checks
-
-
-@dataclass(frozen=True)
-class LoraFileInfo:
-    """What ``check_lora_file`` found: the adapted modules (transformer-relative names) and their ranks."""
-
-    path: Path
-    ranks: dict[str, int]
-    metadata: dict[str, Any] | None
-
-
-def check_lora_file(path: str | os.PathLike[str], transformer: torch.nn.Module) -> LoraFileInfo:
-    """Check that the LoRA file fits ``transformer`` exactly; a ``ValueError`` naming the file and the
-    reason otherwise. Reads key names, shapes and metadata, and checks the values are finite.
-
-    Refused: a file that is not safetensors; keys that are not diffusers/peft LoRA keys
-    (``transformer.<module>.lora_A.weight`` / ``.lora_B.weight``); keys for another model family or
-    for modules the transformer lacks, even some of them (diffusers would load the rest and only
-    warn); unpaired ``lora_A``/``lora_B``; ranks that disagree between A and B or with the file's
-    metadata; shapes that do not fit the target module; non-finite values.
-    """
-    from safetensors import SafetensorError, safe_open
-
-    path = Path(path)
-    name = str(path)
-    if path.suffix != ".safetensors":
-        raise ValueError(f"{name}: only .safetensors LoRA files are supported (got {path.suffix or 'no suffix'!r})")
-    try:
-        with safe_open(name, framework="pt") as f:
-            metadata_raw = f.metadata() or {}
-            shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
-            dtypes = {key: f.get_slice(key).get_dtype() for key in f.keys()}
-    except (SafetensorError, OSError) as err:
-        raise ValueError(f"{name}: not a readable safetensors file: {err}") from err
-
-    if not shapes:
-        raise ValueError(f"{name}: the file holds no tensors")
-    lora_keys = [k for k in shapes if "lora" in k]
-    if not lora_keys:
-        raise ValueError(f"{name}: no LoRA keys (no key contains 'lora'; e.g. {_some(shapes)}): not a LoRA file")
-    other = [k for k in shapes if "lora" not in k]
-    if other:
-        if any(k.endswith(".alpha") or "dora_scale" in k for k in other):
-            raise ValueError(
-                f"{name}: keys {_some(other)} are not diffusers/peft LoRA keys (kohya-style alpha or DoRA scale); "
-                "convert the file to the diffusers layout first"
-            )
-        raise ValueError(f"{name}: keys without 'lora' ({_some(other)}): not a diffusers LoRA file")
-    family = _family_of(transformer)
-    layout = _layout_hint(lora_keys)
-    no_prefix = [k for k in lora_keys if not k.startswith(_PREFIX)]
-    if no_prefix:
-        raise ValueError(
-            f"{name}: keys {_some(no_prefix)} are not for the pipeline's transformer (expected keys starting "
-            f"with {_PREFIX!r}){_looks_like(layout)}"
-        )
-    parsed: dict[str, dict[str, tuple[int, ...]]] = defaultdict(dict)
-    for key in lora_keys:
-        match = _LORA_KEY.match(key[len(_PREFIX) :])
-        if match is None:
-            raise ValueError(
-                f"{name}: key {key!r} is not a diffusers/peft LoRA key "
-                "('transformer.<module>.lora_A.weight' / '.lora_B.weight')"
-            )
-        parsed[match["module"]][match["part"]] = shapes[key]
-    bad_dtype = [k for k, d in dtypes.items() if not _is_float_dtype(d)]
-    if bad_dtype:
-        raise ValueError(f"{name}: tensors {_some(bad_dtype)} are not floating point ({dtypes[bad_dtype[0]]})")
-
-    modules = dict(transformer.named_modules())
-    missing = sorted(m for m in parsed if m not in modules)
-    if missing:
-        cls = type(transformer).__name__
-        expected = _FAMILY_LAYOUT.get(family or "")
-        wrong_family = expected is not None and layout is not None and not layout[0].startswith(expected)
-        if wrong_family:
-            raise ValueError(
-                f"{name}: keys for another model family: the file looks like {layout[1]}, the pipeline's "
-                f"transformer is {cls} (keys '{expected}N...'); no module matches e.g. {_some(missing)}"
-            )
-        if len(missing) == len(parsed):
-            raise ValueError(f"{name}: no LoRA module matches a module of {cls} (e.g. {_some(missing)})")
-        raise ValueError(
-            f"{name}: partial match: {len(missing)} of {len(parsed)} LoRA modules match no module of {cls} "
-            f"(e.g. {_some(missing)}); diffusers would load the rest and only warn, so the file is refused"
-        )
-
-    meta = _lora_metadata(metadata_raw, name)
-    ranks: dict[str, int] = {}
-    for module_name, parts in sorted(parsed.items()):
-        ranks[module_name] = _check_module(name, module_name, parts, modules[module_name], meta)
-    _check_finite(name, lora_keys)
-    return LoraFileInfo(path=path, ranks=ranks, metadata=meta)
-
-
-def _check_module(name: str, module_name: str, parts: dict[str, tuple[int, ...]], module, meta) -> int:
-    where = f"{name}: module {module_name!r}"
-    for part in ("lora_A.weight", "lora_B.weight"):
-        if part not in parts:
-            other = "lora_B.weight" if part == "lora_A.weight" else "lora_A.weight"
-            raise ValueError(f"{where} has {other} but no {part}: every LoRA module needs both")
-    base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
-    a, b = parts["lora_A.weight"], parts["lora_B.weight"]
-    if isinstance(base, torch.nn.Linear):
-        in_dim, out_dim, kernel = base.in_features, base.out_features, ()
-        ones = ()
-    elif isinstance(base, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)):
-        in_dim, out_dim, kernel = base.in_channels // base.groups, base.out_channels, tuple(base.kernel_size)
-        ones = (1,) * len(kernel)
-    else:
-        raise ValueError(f"{where} is a {type(base).__name__}; only Linear and Conv LoRA layers are supported")
-    rank = a[0] if a else -1
-    expect_a = "[" + ", ".join(str(x) for x in ("r", in_dim, *kernel)) + "]"
-    expect_b = "[" + ", ".join(str(x) for x in (out_dim, "r", *ones)) + "]"
-    if len(a) != 2 + len(kernel) or len(b) != 2 + len(ones) or b[1] != rank:
-        raise ValueError(
-            f"{where}: rank mismatch: lora_A {list(a)} and lora_B {list(b)} do not share one rank "
-            f"(expected lora_A {expect_a}, lora_B {expect_b})"
-        )
-    if a[1:] != (in_dim, *kernel) or b[0] != out_dim or b[2:] != ones:
-        raise ValueError(
-            f"{where}: shape mismatch: lora_A {list(a)}, lora_B {list(b)} do not fit {type(base).__name__} "
-            f"with {in_dim} inputs and {out_dim} outputs (expected lora_A {expect_a}, lora_B {expect_b}, r={rank})"
-        )
-    if "lora_B.bias" in parts and parts["lora_B.bias"] != (out_dim,):
-        raise ValueError(f"{where}: lora_B.bias has shape {list(parts['lora_B.bias'])}, expected [{out_dim}]")
-    if "lora_magnitude_vector" in parts and parts["lora_magnitude_vector"] != (out_dim,):
-        raise ValueError(
-            f"{where}: lora_magnitude_vector has shape {list(parts['lora_magnitude_vector'])}, expected [{out_dim}]"
-        )
-    if meta is not None:
-        expected = _metadata_rank(meta, module_name)
-        if expected is not None and expected != rank:
-            raise ValueError(
-                f"{where}: rank mismatch: the tensors have rank {rank}, the file's metadata says r={expected}"
-            )
-    return rank
-
-
-def _lora_metadata(raw: dict[str, str], name: str) -> dict[str, Any] | None:
-    text = raw.get("lora_adapter_metadata")
-    if text is None:
-        return None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{name}: the 'lora_adapter_metadata' entry is not valid JSON: {err}") from None
-    # diffusers stores one entry per component, e.g. {"transformer.r": 4, ...}
-    meta = {k[len(_PREFIX) :]: v for k, v in data.items() if k.startswith(_PREFIX)} or data
-    return meta if isinstance(meta, dict) else None
-
-
-def _metadata_rank(meta: dict[str, Any], module_name: str) -> int | None:
-    for pattern, rank in (meta.get("rank_pattern") or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", module_name):
-            return int(rank)
-    r = meta.get("r")
-    return int(r) if isinstance(r, int) else None
-
-
-def _check_finite(name: str, keys: list[str]) -> None:
-    from safetensors import safe_open
-
-    with safe_open(name, framework="pt") as f:
-        for key in keys:
-            if not torch.isfinite(f.get_tensor(key)).all():
-                raise ValueError(f"{name}: tensor {key!r} holds NaN or infinite values")
-
-
-def _is_float_dtype(dtype: str) -> bool:
-    return dtype.upper() in {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
-
-
-def _layout_hint(keys: list[str]) -> tuple[str, str] | None:
-    for prefix, text in _LAYOUT_HINTS:
-        if sum(k.startswith(prefix) for k in keys) * 2 > len(keys):
-            return prefix, text
-    return None
-
-
-def _looks_like(layout: tuple[str, str] | None) -> str:
-    return f"; the file looks like {layout[1]}" if layout else ""
-
-
-def _some(items) -> str:
-    items = sorted(items)
-    shown = ", ".join(repr(k) for k in items[:_EXAMPLES])
-    return shown + (f" and {len(items) - _EXAMPLES} more" if len(items) > _EXAMPLES else "")
-
-
-def _family_of(transformer: torch.nn.Module) -> str | None:
-    from .enable import model_family
-
-    return model_family(transformer)
+# ----------------------------------------------------------------------------------------------- scheduler
 
 
 def _scheduler_class(preset: Preset):
@@ -474,9 +197,10 @@ def load_psa_lora(
     by default); ``result.handle`` is the PSA handle; ``result.remove()`` undoes everything.
 
     Raises, with the pipeline untouched: ``FileNotFoundError`` (no such local file) or ``OSError`` (hub
-    unreachable, offline without a cached copy, no such repo/file); ``ValueError`` for a file that does
-    not fit the transformer (see ``check_lora_file``), a preset of another family, an adapter name in
-    use, or PSA already enabled. An error after loading began is re-raised after undoing every change.
+    unreachable, offline without a cached copy, no such repo/file); ``ValueError`` for a ``weight_name``
+    that leads outside the directory or repo, a file that does not fit the transformer (see
+    ``check_lora_file``), a preset of another family, an adapter name in use, or PSA already enabled.
+    An error after loading began is re-raised after undoing every change.
     """
     from .hooks import find_step_hook
 
@@ -488,7 +212,7 @@ def load_psa_lora(
     preset = get_preset(preset) if isinstance(preset, str) else preset
     if not isinstance(preset, Preset):
         raise TypeError(f"preset must be a preset name or a Preset, got {type(preset).__name__}")
-    family = _family_of(transformer)
+    family = family_of_transformer(transformer)
     if family != preset.family:
         raise ValueError(
             f"preset {preset.name!r} is for {preset.family} models; the pipeline's transformer is "

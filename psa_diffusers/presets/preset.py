@@ -23,6 +23,22 @@ _CONFIG_SEQS = ("budgets", "sim_thresholds")
 _PSACONFIG_MSG = re.compile(r"^PSAConfig\.(\w+)=")
 _NO_VALUE = object()
 
+MAX_INT_BITS = 1024
+"""Integers in preset data must stay below 2**1024 in magnitude (the float range); presets need far less."""
+
+
+class HugeInt:
+    """Stands in for an integer literal too long to convert (the loaders never call ``int`` on one: Python
+    refuses beyond 4300 digits); ``Preset.from_dict`` refuses it naming the field, as any integer too large."""
+
+    __slots__ = ("chars",)
+
+    def __init__(self, chars: int) -> None:
+        self.chars = chars
+
+    def __repr__(self) -> str:
+        return f"<integer literal of {self.chars} characters>"
+
 
 class _FieldError(ValueError):
     """A bad preset field; ``detail`` is the message without a source prefix."""
@@ -41,6 +57,18 @@ def _is_int(value: Any) -> bool:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_numbers(value: Any, field: str) -> None:
+    """Refuse a HugeInt or an integer of more than MAX_INT_BITS bits anywhere in ``value``, naming its field."""
+    if isinstance(value, HugeInt) or (_is_int(value) and value.bit_length() > MAX_INT_BITS):
+        raise _FieldError(field, f"integer too large (more than {MAX_INT_BITS} bits)")
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            _check_numbers(item, f"{field}.{key}" if field else str(key))
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _check_numbers(item, field)
 
 
 def _as_index(name: str, value: Any) -> int:
@@ -196,7 +224,8 @@ class Preset:
         """Build from plain data; every ValueError starts with ``source`` and names the field.
 
         Required: name, family, num_steps, dense_steps, config. Config fields left out take
-        PSAConfig's defaults; unknown fields at either level are errors.
+        PSAConfig's defaults; unknown fields at either level are errors, and so are integers anywhere
+        of more than MAX_INT_BITS bits (or HugeInt literals from the file loaders).
         """
         try:
             return cls._from_dict(data)
@@ -207,6 +236,7 @@ class Preset:
     def _from_dict(cls, data: Any) -> Preset:
         if not isinstance(data, Mapping):
             raise _FieldError("", detail=f"expected a mapping of preset fields, got {type(data).__name__}")
+        _check_numbers(data, "")
         known = [f.name for f in dataclasses.fields(cls)]
         _check_keys(data, known, prefix="")
         for name in _REQUIRED:
