@@ -18,8 +18,9 @@ from tests.helpers import random_level_map
 
 CONFIGS = {
     "quota": PSAConfig(block_q=64, block_kv=32, budgets=(0.2, 0.1, 0.1, 0.2)),
-    "mass": PSAConfig(block_q=64, block_kv=32, mode="mass", budgets=(0.4, 0.5, 0.6, 0.8),
-                      sim_thresholds=(0.0, 0.0, 0.0)),  # fmt: skip
+    "mass": PSAConfig(
+        block_q=64, block_kv=32, mode="mass", budgets=(0.4, 0.5, 0.6, 0.8), sim_thresholds=(0.0, 0.0, 0.0)
+    ),  # fmt: skip
     "gilbert": PSAConfig(block_q=64, block_kv=32, token_order="gilbert"),
     "budget": PSAConfig(block_q=64, block_kv=32, mode="budget", target_density=0.3),
 }

@@ -53,8 +53,7 @@ def test_run_refuses_inputs_the_plan_does_not_fit():
     not (triton_support.HAS_TRITON and triton_support.INTERPRETED),
     reason="needs triton with TRITON_INTERPRET=1 set before import (tests/conftest.py does it on CPU-only machines)",
 )
-def test_triton_plan_pools_once_and_matches_the_reference(monkeypatch):
-    monkeypatch.setattr(triton_support, "POISON_OUTPUTS", True)
+def test_triton_plan_pools_once_and_matches_the_reference():
     q, k, v = _qkv(length=130, dtype=torch.float16)
     plan = plan_attention(q, k, v, CONFIG, backend="triton")
     assert plan.backend == "triton" and plan.pooled_kv is not None

@@ -10,7 +10,6 @@ they are imported; :data:`INTERPRETED` records it.
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -45,16 +44,11 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-@functools.lru_cache(maxsize=16)
-def _capability(device: torch.device) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device)
-
-
 def _device_reason(t: torch.Tensor) -> str | None:
     if t.device.type == "cuda":
         if INTERPRETED:
             return None  # the interpreter copies CUDA tensors to the host and back: slow but correct
-        major, minor = _capability(t.device)
+        major, minor = torch.cuda.get_device_capability(t.device)  # torch caches the properties
         if major < 8:
             return f"CUDA device {t.device} has compute capability {major}.{minor}; the kernels need 8.0 or newer"
         return None

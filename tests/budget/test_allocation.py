@@ -46,9 +46,8 @@ from psa_diffusers.ops import triton_support
 from psa_diffusers.ops.attention import psa_attention_reference
 from psa_diffusers.ops.caps import similarity_caps_reference
 from psa_diffusers.ops.importance import exact_block_mass
-from tests.helpers import needs_interpreter, random_qkv, video_qkv
-
-BQ, BKV = 64, 32
+from tests.budget.conftest import BKV, BQ
+from tests.helpers import needs_interpreter, random_qkv
 
 DEVICE = "cuda" if torch.cuda.is_available() and not triton_support.INTERPRETED else "cpu"
 
@@ -56,23 +55,6 @@ needs_kernels = pytest.mark.skipif(
     not (triton_support.HAS_TRITON and (triton_support.INTERPRETED or torch.cuda.is_available())),
     reason="needs triton with CUDA, or TRITON_INTERPRET=1 set before import (tests/conftest.py does it on CPU)",
 )
-
-
-@pytest.fixture(autouse=True)
-def _poison(monkeypatch):
-    monkeypatch.setattr(triton_support, "POISON_OUTPUTS", True)
-
-
-@pytest.fixture(scope="module")
-def qkv():
-    """8x16x16 video tokens (L 2048), 2 heads, dim 64: 32x64 blocks of 64x32."""
-    return video_qkv()
-
-
-@pytest.fixture(scope="module")
-def stats(qkv):
-    q, k, _ = qkv
-    return estimate_pyramid_statistics_reference(q, k, block_q=BQ, block_kv=BKV)
 
 
 def budget_config(density, **kw):

@@ -27,29 +27,11 @@ import torch
 from benchmarks.structured_qkv import structured_qkv
 from psa_diffusers.budget.statistics import estimate_pyramid_statistics_reference, estimate_pyramid_statistics_triton
 from psa_diffusers.budget.variance import pooled_logit_variance_reference
-from psa_diffusers.ops import triton_support
 from psa_diffusers.ops.importance import exact_block_mass
-from tests.helpers import needs_interpreter, video_qkv
+from tests.budget.conftest import BKV, BQ
+from tests.helpers import needs_interpreter
 
-BQ, BKV = 64, 32
 TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (2e-3, 1e-2)}  # (mass, sq_mass)
-
-
-@pytest.fixture(autouse=True)
-def _poison(monkeypatch):
-    monkeypatch.setattr(triton_support, "POISON_OUTPUTS", True)
-
-
-@pytest.fixture(scope="module")
-def qkv():
-    """8x16x16 video tokens (L 2048), 2 heads, dim 64: 32x64 blocks of 64x32."""
-    return video_qkv()
-
-
-@pytest.fixture(scope="module")
-def stats(qkv):
-    q, k, _ = qkv
-    return estimate_pyramid_statistics_reference(q, k, block_q=BQ, block_kv=BKV)
 
 
 def _row_rel(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -21,13 +21,7 @@ from psa_diffusers.budget.variance import (
     pooled_logit_variance_reference,
     pooled_logit_variance_triton,
 )
-from psa_diffusers.ops import triton_support
 from tests.helpers import needs_interpreter, rel_err
-
-
-@pytest.fixture(autouse=True)
-def _poison(monkeypatch):
-    monkeypatch.setattr(triton_support, "POISON_OUTPUTS", True)
 
 
 def test_logit_variance_matches_brute_force():

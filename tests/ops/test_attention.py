@@ -39,11 +39,6 @@ from tests.helpers import DT_IDS, needs_interpreter, random_level_map, random_qk
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
 
-@pytest.fixture(autouse=True)
-def _poison(monkeypatch):
-    monkeypatch.setattr(triton_support, "POISON_OUTPUTS", True)
-
-
 def brute_force(q, k, v, level_map, block_q, block_kv, scale):
     """One query row at a time, pooled tokens listed explicitly (float64)."""
     b, h, lq, d = q.shape

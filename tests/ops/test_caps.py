@@ -11,14 +11,8 @@ import torch
 
 from psa_diffusers.config import PSAConfig
 from psa_diffusers.mask_builder import build_block_mask
-from psa_diffusers.ops import triton_support
 from psa_diffusers.ops.caps import block_smoothness_reference, similarity_caps_reference, smoothness_and_caps_triton
 from tests.helpers import needs_interpreter
-
-
-@pytest.fixture(autouse=True)
-def _poison(monkeypatch):
-    monkeypatch.setattr(triton_support, "POISON_OUTPUTS", True)
 
 
 def test_similarity_cap_limits_rough_blocks():

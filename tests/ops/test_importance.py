@@ -9,18 +9,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from psa_diffusers.ops import triton_support
 from psa_diffusers.ops.importance import (
     estimate_block_importance_reference,
     estimate_block_importance_triton,
     exact_block_mass,
 )
 from tests.helpers import DT_IDS, needs_interpreter, random_qkv, video_qkv
-
-
-@pytest.fixture(autouse=True)
-def _poison(monkeypatch):
-    monkeypatch.setattr(triton_support, "POISON_OUTPUTS", True)
 
 
 @pytest.fixture(scope="module")

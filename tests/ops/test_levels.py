@@ -13,16 +13,10 @@ import torch
 from psa_diffusers.config import PSAConfig
 from psa_diffusers.mask import PyramidBlockMask
 from psa_diffusers.mask_builder import build_block_mask
-from psa_diffusers.ops import triton_support
 from psa_diffusers.ops.caps import similarity_caps_reference
 from psa_diffusers.ops.importance import estimate_block_importance_reference
 from psa_diffusers.ops.levels import build_mask_triton, compact_levels_triton, levels_from_importance
 from tests.helpers import needs_interpreter, random_level_map, random_qkv
-
-
-@pytest.fixture(autouse=True)
-def _poison(monkeypatch):
-    monkeypatch.setattr(triton_support, "POISON_OUTPUTS", True)
 
 
 # --------------------------------------------------------------------------- rules (reference)

@@ -9,16 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from psa_diffusers.ops import triton_support
 from psa_diffusers.ops.pooling import pool_pyramid_reference, pool_pyramid_triton
 from tests.helpers import DT_IDS, needs_interpreter
 
 pytestmark = needs_interpreter
-
-
-@pytest.fixture(autouse=True)
-def _poison(monkeypatch):
-    monkeypatch.setattr(triton_support, "POISON_OUTPUTS", True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=DT_IDS.get)
