@@ -81,7 +81,6 @@ def test_preset_for_model():
 
 def test_generate_on_a_saved_tiny_wan_pipeline(tmp_path, capsys):
     """The whole generate path offline: a local pipeline directory, PSA on, an mp4 out."""
-    pytest.importorskip("diffusers")
     import imageio.v3 as iio
 
     from psa_diffusers.diffusers.tiny import tiny_wan_pipeline
@@ -100,7 +99,6 @@ def test_generate_on_a_saved_tiny_wan_pipeline(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def tiny_cogvideox_with_lora(tmp_path_factory):
     """A saved tiny CogVideoX pipeline and a rank-4 LoRA for it in a folder."""
-    pytest.importorskip("peft")
     from diffusers import CogVideoXPipeline
 
     from psa_diffusers.diffusers.tiny import tiny_cogvideox_pipeline

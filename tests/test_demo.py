@@ -9,9 +9,6 @@ import re
 import numpy as np
 import pytest
 
-pytest.importorskip("diffusers")
-pytest.importorskip("matplotlib")
-
 from psa_diffusers.cli import main  # noqa: E402
 
 FRAMES = 9

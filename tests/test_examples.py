@@ -6,12 +6,8 @@ import runpy
 import sys
 from pathlib import Path
 
+import imageio.v3 as iio
 import pytest
-
-pytest.importorskip("diffusers")
-pytest.importorskip("peft")
-iio = pytest.importorskip("imageio.v3")
-
 from diffusers import CogVideoXPipeline  # noqa: E402
 
 from psa_diffusers.diffusers.tiny import tiny_cogvideox_pipeline, tiny_wan_pipeline  # noqa: E402

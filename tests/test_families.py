@@ -9,8 +9,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-pytest.importorskip("diffusers")
-
 from psa_diffusers.diffusers import enable_psa  # noqa: E402
 from psa_diffusers.diffusers.families import (  # noqa: E402
     FAMILIES,

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import imageio.v3 as iio
 import numpy as np
 import pytest
-
-pytest.importorskip("diffusers")
-iio = pytest.importorskip("imageio.v3")
 
 from psa_diffusers.diffusers.tiny import TINY_TEXT_LEN, tiny_cogvideox_pipeline, tiny_wan_pipeline  # noqa: E402
 from psa_diffusers.generation import generate  # noqa: E402
