@@ -20,7 +20,15 @@ from .mask import PyramidBlockMask
 from .ops.attention import pool_kv_triton, sparse_attention
 from .ops.triton_support import BACKENDS, resolve_backend
 
-__all__ = ["BACKENDS", "PSAPlan", "check_qkv", "plan_attention", "psa_attention", "run_attention"]
+__all__ = [
+    "BACKENDS",
+    "PSAPlan",
+    "attention_or_dense",
+    "check_qkv",
+    "plan_attention",
+    "psa_attention",
+    "run_attention",
+]
 
 
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -121,6 +129,48 @@ def psa_attention(
     if reorder:
         out = torch.ops.psa.permute_tokens(out, grid, text_len, True)
     return (out, mask) if return_mask else out
+
+
+def attention_or_dense(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    config: PSAConfig,
+    control: torch.Tensor,
+    *,
+    scale: float | None = None,
+    text_len: int = 0,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sparse or dense attention of q, k, v ``[B, H, L, D]``, per call or per head, as the host-side
+    ``control`` says: ``(out, densities)``, the FLOP density of each head's mask, ``[H]`` float64 on q's
+    device (the mean over the batch; 1.0 where no mask is built).
+
+    control: an integer CPU tensor: ``control[0]`` is ``library.SPARSE`` (PSA with ``config``),
+             ``library.DENSE`` (``scaled_dot_product_attention``, no mask) or ``library.DENSE_MEASURED``
+             (the mask is built for its densities, attention runs dense); optional ``control[1 + h]``,
+             for each head ``h``, nonzero to run that head dense under ``SPARSE``. The caller changes it
+             on the host between calls; reading it needs no device synchronisation, and a compiled graph
+             does not guard on its value (docs/design.md, section 5).
+
+    Tokens are taken in the order given (no reordering); text tokens are the last ``text_len``.
+    Inference only: raises ValueError for inputs that require grad (use :func:`psa_attention`).
+    """
+    check_qkv(q, k, v)
+    config = _check_config(config)
+    _check_text_and_grid(q.shape[2], k.shape[2], text_len, None)
+    if not isinstance(control, torch.Tensor) or control.device.type != "cpu" or control.dim() != 1:
+        raise ValueError(f"control must be a 1-D CPU tensor, got {control!r}")
+    if control.is_floating_point() or control.is_complex() or control.dtype == torch.bool:
+        raise ValueError(f"control must be an integer tensor, got dtype {control.dtype}")
+    if control.numel() not in (1, 1 + q.shape[1]):
+        raise ValueError(f"control has {control.numel()} entries: expected 1, or 1 + heads = {1 + q.shape[1]}")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        raise ValueError("attention_or_dense is inference only: q, k or v requires grad (use psa_attention)")
+    backend = resolve_backend(backend, q, k, v, names=("q", "k", "v"))
+    scale = q.shape[3] ** -0.5 if scale is None else float(scale)
+    args = (*library.config_op_args(config), text_len, scale, backend)
+    return torch.ops.psa.attention_or_dense(q, k, v, control, *args)
 
 
 @dataclass(frozen=True)

@@ -218,7 +218,6 @@ class _InputCapture:
         self.handle, self.module, self.step = handle, module, step
         self.args: tuple | None = None
         self.kwargs: dict | None = None
-        self.grid = None
         self._hook = None
 
     def _pre(self, module, args, kwargs):
@@ -226,7 +225,6 @@ class _InputCapture:
         if self.args is None and info is not None and info.step == self.step:
             self.args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
             self.kwargs = dict(kwargs)
-            self.grid = info.grid
 
     def __enter__(self) -> _InputCapture:
         self._hook = self.module.register_forward_pre_hook(self._pre, with_kwargs=True)
@@ -265,8 +263,9 @@ def _level_map(family, layer, module, capture: _InputCapture, config, stats, ste
     if family == "cogvideox" and ehs is not None:  # stock order is [text, video]; PSA puts text last
         text_len = ehs.shape[1]
         q, k, v = (torch.cat([t[:, :, text_len:], t[:, :, :text_len]], dim=2) for t in (q, k, v))
-    grid = capture.grid if config.token_order == "gilbert" else None
-    _, mask = psa_attention(q, k, v, config, text_len=text_len, grid=grid, return_mask=True)
+    # under enable_psa the video tokens reach the layer already in the config's order (the token-order
+    # hooks permute them once per forward), so the mask is built on them as they are
+    _, mask = psa_attention(q, k, v, config.replace(token_order="none"), text_len=text_len, return_mask=True)
     level_map = mask.to_level_map()[-1, 0].cpu().numpy()
     density = stats.get(step, {}).get(layer)
     return LevelMapCapture(

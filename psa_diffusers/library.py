@@ -8,6 +8,10 @@
   kv_indices)`` int32: the level map of a :class:`~psa_diffusers.config.PSAConfig`, compacted.
 * ``torch.ops.psa.permute_tokens(x, grid, text_len, inverse)``: video tokens of ``[B, H, L, D]``
   into Gilbert order (or back, ``inverse``), text tokens kept at the end; autograd registered.
+* ``torch.ops.psa.attention_or_dense(q, k, v, control, <build_mask's config fields>, text_len, scale,
+  backend)`` -> ``(out, densities [H])``: sparse or dense attention, per call or per head, as the
+  host-side ``control`` tensor says (``SPARSE``, ``DENSE``, ``DENSE_MEASURED``); the dense-fallback
+  mechanism of docs/design.md, section 5. Inference only (no autograd).
 
 The ops take plain tensors and scalars, and a resolved ``backend`` ("reference" or "triton"):
 validation, logging and device queries stay in the Python wrappers (``attention.psa_attention``),
@@ -16,15 +20,30 @@ so ``torch.compile`` traces each op as one node and never into launchers.
 
 from __future__ import annotations
 
+import functools
+
 import torch
+import torch.nn.functional as F
 
 from .config import PSAConfig
-from .mask import PyramidBlockMask, ceil_div
+from .mask import PyramidBlockMask, block_sizes, ceil_div
 from .mask_builder import build_block_mask
 from .ops.attention import psa_attention_backward_reference, sparse_attention
 from .ordering import reorder_tokens, restore_tokens
 
-__all__ = ["attention_op", "attention_backward_op", "build_mask_op", "permute_tokens_op", "config_op_args"]
+__all__ = [
+    "DENSE",
+    "DENSE_MEASURED",
+    "SPARSE",
+    "attention_backward_op",
+    "attention_op",
+    "attention_or_dense_impl",
+    "attention_or_dense_op",
+    "build_mask_op",
+    "config_op_args",
+    "head_densities",
+    "permute_tokens_op",
+]
 
 
 # ------------------------------------------------------------------------------------------ attention
@@ -153,3 +172,123 @@ def _permute_backward(ctx, grad):
 
 
 permute_tokens_op.register_autograd(_permute_backward, setup_context=_permute_setup)
+
+
+# ------------------------------------------------------------------------------------------ dense fallback
+SPARSE = 0
+"""``control[0]`` of ``psa.attention_or_dense``: build the mask, run sparse attention -- except for the
+heads ``h`` with ``control[1 + h]`` set, which run dense attention."""
+DENSE = 1
+"""``control[0]``: dense attention (SDPA), no mask (a dense step of a preset's schedule); densities 1."""
+DENSE_MEASURED = 2
+"""``control[0]``: build the mask (for its densities), run dense attention (the dense fallback)."""
+
+
+def head_densities(mask: PyramidBlockMask, seq_len_q: int, seq_len_kv: int) -> torch.Tensor:
+    """FLOP-weighted density of each head of ``mask`` (docs/design.md, section 1), the mean over the
+    batch: ``[H]`` float64 on the mask's device.
+
+    From the per-level counts, as ``PyramidBlockMask.density_tensor`` but per head, and without copying
+    host data to the device (no dense level map, no host synchronisation), so it can run on every call.
+    """
+    mask.check_fits(seq_len_q, seq_len_kv)
+    _, _, nq, nk = mask.shape
+    device = mask.device
+    counts = mask.kv_counts.to(torch.float64)  # [B, H, Nq, 4]
+    inv = torch.exp2(-torch.arange(4, dtype=torch.float64, device=device))  # 1 / LEVELS: 1, 1/2, 1/4, 1/8
+    work = (counts * inv).sum(-1) * mask.block_kv  # pooled tokens per row, as if every KV block were full
+    last = seq_len_kv - (nk - 1) * mask.block_kv
+    if last < mask.block_kv:  # the last KV block is partial: take back what it does not hold
+        position = (mask.kv_indices == nk - 1).to(torch.int32).argmax(-1, keepdim=True)  # [B, H, Nq, 1]
+        group = (position >= mask.kv_counts.to(torch.int64).cumsum(-1)).sum(-1)  # 0..3: level 1..8, 4: skipped
+        work = work - torch.cat([inv, inv.new_zeros(1)])[group] * (mask.block_kv - last)
+    rows = block_sizes(seq_len_q, mask.block_q, nq, device)
+    return (work * rows).sum(-1).mean(0) / (float(seq_len_q) * float(seq_len_kv))
+
+
+@functools.lru_cache(maxsize=256)
+def _head_index(device: str, heads: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(index on device, its host source)`` of ``heads``, cached: built once per head set, copied
+    without a host synchronisation (pinned memory; the source is kept alive with the index)."""
+    host = torch.tensor(heads, dtype=torch.int64)
+    if torch.device(device).type == "cuda":
+        host = host.pin_memory()
+        return host.to(device, non_blocking=True), host
+    return host.to(device), host
+
+
+def _split_heads(q, k, v, mask: PyramidBlockMask, dense: list[int], scale: float, backend: str) -> torch.Tensor:
+    """Sparse attention for the heads not in ``dense``, SDPA for those in it."""
+    heads = q.shape[1]
+    sparse_idx, _ = _head_index(str(q.device), tuple(h for h in range(heads) if h not in dense))
+    dense_idx, _ = _head_index(str(q.device), tuple(dense))
+    sub = PyramidBlockMask(
+        mask.kv_counts.index_select(1, sparse_idx),
+        mask.kv_indices.index_select(1, sparse_idx),
+        block_q=mask.block_q,
+        block_kv=mask.block_kv,
+    )
+    q_s, k_s, v_s = (t.index_select(1, sparse_idx) for t in (q, k, v))
+    q_d, k_d, v_d = (t.index_select(1, dense_idx) for t in (q, k, v))
+    out = torch.empty_like(q)
+    out.index_copy_(1, sparse_idx, sparse_attention(q_s, k_s, v_s, sub, scale, backend=backend))
+    out.index_copy_(1, dense_idx, F.scaled_dot_product_attention(q_d, k_d, v_d, scale=scale))
+    return out
+
+
+def attention_or_dense_impl(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    control: torch.Tensor,
+    mode: str,
+    budgets: list[float],
+    min_full_share: float,
+    sim_thresholds: list[float],
+    block_q: int,
+    block_kv: int,
+    importance_stride: int,
+    target_density: float | None,
+    text_len: int,
+    scale: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out [B, H, Lq, D], densities [H])``: the attention ``control`` asks for, and the FLOP density of
+    each head's mask (float64 on q's device, the mean over the batch; 1.0 when no mask is built).
+
+    ``control`` is a CPU tensor that the caller sets on the host between calls: ``control[0]`` the
+    action (``SPARSE``, ``DENSE``, ``DENSE_MEASURED``), ``control[1 + h]`` (optional) nonzero for a head
+    ``h`` that runs dense under ``SPARSE``. Reading it costs no device synchronisation, and under
+    ``torch.compile`` it is a graph input whose value is not guarded, so one graph serves dense and
+    sparse calls alike.
+    """
+    flags = control.tolist()
+    action, heads = flags[0], q.shape[1]
+    if action == DENSE:
+        out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+        return out.contiguous(), torch.ones(heads, dtype=torch.float64, device=q.device)
+    config = PSAConfig(
+        block_q=block_q, block_kv=block_kv, mode=mode, budgets=tuple(budgets), min_full_share=min_full_share,
+        sim_thresholds=tuple(sim_thresholds) or None, importance_stride=importance_stride,
+        target_density=target_density,
+    )  # fmt: skip
+    mask = build_block_mask(q, k, config, text_len=text_len, scale=scale, backend=backend)
+    densities = head_densities(mask, q.shape[2], k.shape[2])
+    dense = [h for h, flag in enumerate(flags[1 : 1 + heads]) if flag]
+    if action == DENSE_MEASURED or len(dense) == heads:
+        out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    elif dense:
+        out = _split_heads(q, k, v, mask, dense, scale, backend)
+    else:
+        out = sparse_attention(q, k, v, mask, scale, backend=backend)
+    return out.contiguous(), densities
+
+
+attention_or_dense_op = torch.library.custom_op("psa::attention_or_dense", mutates_args=())(attention_or_dense_impl)
+
+
+@attention_or_dense_op.register_fake
+def _attention_or_dense_fake(q, k, v, control, mode, budgets, min_full_share, sim_thresholds, block_q, block_kv,
+                             importance_stride, target_density, text_len, scale, backend):  # fmt: skip
+    densities = torch.empty(q.shape[1], dtype=torch.float64, device=q.device)
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device), densities

@@ -10,7 +10,9 @@ import pytest
 import torch
 from diffusers.hooks import HookRegistry
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from psa_diffusers import psa_attention
 from psa_diffusers.diffusers import PSAHandle, PSAProcessor, disable_psa, enable_psa
 from psa_diffusers.diffusers.hooks import HOOK_NAME, token_grid
 from psa_diffusers.diffusers.state import DENSE_STEP
@@ -20,17 +22,21 @@ from tests.tiny_models import (  # noqa: F401  (one_thread is a fixture)
     FULL,
     KV_BLOCKS,
     SPARSE,
+    SPARSE_VIDEO_DENSITY,
     TINY_GRID,
     build,
     expected_density,
     one_thread,
+    psa_logs_fixture,
     rel_err,
+    tiny_call_kwargs,
     tiny_cogvideox_transformer,
     tiny_preset,
+    tiny_wan_transformer,
 )
 
-STATE_LOGGER = "psa_diffusers.diffusers.state"
 pytestmark = pytest.mark.usefixtures("one_thread")
+PSA_LOGGERS = "diffusers.psa_diffusers."
 
 
 def _processors(pipe):
@@ -102,16 +108,15 @@ def test_context_manager_and_handle_restore():
     assert _same_objects(_processors(pipe), before)
 
 
-def test_disable_leaves_a_processor_replaced_meanwhile(caplog):
+def test_disable_leaves_a_processor_replaced_meanwhile(psa_logs):
     pipe, _ = build("wan")
     handle = enable_psa(pipe, config=FULL)
     layer = pipe.transformer.blocks[0].attn1
     replacement = WanAttnProcessor()
     layer.set_processor(replacement)
-    with caplog.at_level(logging.WARNING, logger="psa_diffusers.diffusers.enable"):
-        handle.disable()
+    handle.disable()
     assert layer.processor is replacement
-    assert any("replaced since enable_psa" in r.getMessage() for r in caplog.records)
+    assert any("replaced since enable_psa" in r.getMessage() for r in psa_logs.records)
 
 
 def test_enable_refuses_processors_set_by_hand():
@@ -148,12 +153,11 @@ def test_default_preset_and_overrides():
 
 @pytest.mark.parametrize("guidance", [6.0, 1.0], ids=["guidance", "no-guidance"])
 @pytest.mark.parametrize("kind", ["cogvideox", "wan"])
-def test_preset_schedule_dense_then_sparse(kind, guidance, caplog):
+def test_preset_schedule_dense_then_sparse(kind, guidance, psa_logs):
     pipe, call = build(kind)
     with enable_psa(pipe, preset=tiny_preset(FAMILY[kind])) as handle:
-        with caplog.at_level(logging.INFO, logger=STATE_LOGGER):
-            out = call(num_inference_steps=4, guidance_scale=guidance)
-        lines = [r.getMessage() for r in caplog.records if "mean attention density" in r.getMessage()]
+        out = call(num_inference_steps=4, guidance_scale=guidance)
+        lines = [r.getMessage() for r in psa_logs.records if "mean attention density" in r.getMessage()]
         assert len(lines) == 1 and "4 step(s) x 2 layer(s)" in lines[0]  # logged at the end of the call
     stats = handle.stats()
     assert sorted(stats) == [0, 1, 2, 3]
@@ -226,15 +230,16 @@ def test_budget_mode_through_enable_psa():
     assert all(0.3 - 1 / KV_BLOCKS < d <= 0.3 + 1e-9 for d in densities), densities
 
 
-def test_hook_reads_the_token_grid():
+@pytest.mark.parametrize("order", ["gilbert", "none"])
+def test_hook_reads_the_token_grid(order):
     pipe, call = build("cogvideox")
     seen = []
-    with enable_psa(pipe, config=SPARSE.replace(token_order="gilbert")) as handle:
+    with enable_psa(pipe, config=SPARSE.replace(token_order=order)) as handle:
         attn = pipe.transformer.transformer_blocks[0].attn1
-        hook = attn.register_forward_pre_hook(lambda *_: seen.append(handle.state.current.grid))
+        hook = attn.register_forward_pre_hook(lambda *_: seen.append(handle.state.current))
         call(num_inference_steps=1, guidance_scale=1.0)
         hook.remove()
-    assert seen == [TINY_GRID]
+    assert [(info.grid, info.token_order) for info in seen] == [(TINY_GRID, "raster" if order == "none" else order)]
 
 
 def test_token_grid_from_patch_sizes():
@@ -263,3 +268,188 @@ def test_cogvideox15_temporal_patch_full_budget_gilbert():
             out = model(**inputs)[0]
     assert rel_err(out, stock) < 1e-5
     assert handle.stats()[0]["transformer.transformer_blocks.0.attn1"].density == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------------------------------ the step clock
+
+
+def _density_lines(records) -> list[str]:
+    return [r.getMessage() for r in records if "mean attention density" in r.getMessage()]
+
+
+def test_one_step_wan_run_with_guidance_is_one_run(psa_logs):
+    """Cond and uncond of the only step belong to one run; the next call is a run of its own."""
+    pipe, call = build("wan")
+    with enable_psa(pipe, config=SPARSE) as handle:
+        call(num_inference_steps=1)
+        first = handle.stats()
+        call(num_inference_steps=1)
+        second = handle.stats()
+    for stats in (first, second):
+        assert sorted(stats) == [0]
+        assert [s.calls for s in stats[0].values()] == [2, 2]
+    lines = _density_lines(psa_logs.records)
+    assert len(lines) == 2 and all(line.startswith("PSA: 1 step(s) x 2 layer(s)") for line in lines)
+
+
+@pytest.mark.parametrize("kind", ["cogvideox", "wan"])
+def test_exception_in_a_step_callback_closes_the_run(kind, psa_logs):
+    """A run cut short by an exception keeps its statistics; the next call does not continue it."""
+
+    def broken(pipe, i, t, kwargs):
+        raise RuntimeError("callback broke")
+
+    pipe, call = build(kind)
+    with enable_psa(pipe, preset=tiny_preset(FAMILY[kind])) as handle:
+        with pytest.raises(RuntimeError, match="callback broke"):
+            call(num_inference_steps=4, callback_on_step_end=broken)
+        interrupted = handle.stats()
+        call(num_inference_steps=4)
+        stats = handle.stats()
+    calls = 2 if kind == "wan" else 1
+    assert sorted(interrupted) == [0] and all(s.calls == calls for s in interrupted[0].values())
+    assert sorted(stats) == [0, 1, 2, 3]
+    assert all(s.calls == calls for layers in stats.values() for s in layers.values())
+    assert [all(s.dense for s in stats[i].values()) for i in range(4)] == [True, True, False, False]
+    lines = _density_lines(psa_logs.records)
+    assert len(lines) == 2 and "1 step(s)" in lines[0] and "4 step(s)" in lines[1]
+
+
+@pytest.mark.parametrize("kind", ["cogvideox", "wan"])
+def test_from_pipe_copy_runs_the_schedule_of_its_own_steps(kind, psa_logs):
+    """A from_pipe copy with its own scheduler shares the transformer (and PSA) but not the scheduler:
+    its 6 steps run the preset scaled to 6 (round(2 * 6 / 4) = 3 dense), not the preset's 4."""
+    pipe, _ = build(kind)
+    copy = type(pipe).from_pipe(pipe, scheduler=type(pipe.scheduler).from_config(pipe.scheduler.config))
+    assert copy.transformer is pipe.transformer and copy.scheduler is not pipe.scheduler
+    with enable_psa(pipe, preset=tiny_preset(FAMILY[kind])) as handle, torch.no_grad():
+        copy(**tiny_call_kwargs(num_inference_steps=6, guidance_scale=1.0))
+    stats = handle.stats()
+    assert sorted(stats) == list(range(6))
+    assert [all(s.dense for s in stats[i].values()) for i in range(6)] == [True] * 3 + [False] * 3
+    assert not [r for r in psa_logs.records if r.name.startswith(PSA_LOGGERS) and r.levelno >= logging.WARNING]
+
+
+def test_unmatched_timesteps_warn_and_count_steps_from_values(psa_logs):
+    """A transformer called with its own timestep tensors (no cache context, not a view of a schedule):
+    one warning, then steps from the values: lower is the next step, equal the same, higher a new run."""
+    model = tiny_wan_transformer(num_layers=1)
+    g = torch.Generator().manual_seed(0)
+    x, ehs = torch.randn(1, 16, 5, 32, 32, generator=g), torch.randn(1, 16, 32, generator=g)
+    seen = []
+    with torch.no_grad(), enable_psa(model, preset=tiny_preset("wan", num_steps=3, dense_steps=1)) as handle:
+        for value in (900.0, 600.0, 600.0, 300.0, 800.0):
+            model(hidden_states=x, timestep=torch.tensor([value]), encoder_hidden_states=ehs)
+            seen.append(handle.stats())
+    steps = [{step: next(iter(layers.values())) for step, layers in stats.items()} for stats in seen]
+    assert sorted(steps[3]) == [0, 1, 2]
+    assert [steps[3][i].calls for i in range(3)] == [1, 2, 1]
+    assert [steps[3][i].dense for i in range(3)] == [True, False, False]
+    assert sorted(steps[4]) == [0]  # 800 > 300: a new run
+    warnings = [r.getMessage() for r in psa_logs.records if r.name.startswith(PSA_LOGGERS) and r.levelno >= 30]
+    assert len(warnings) == 1 and "matches no denoising step" in warnings[0]
+
+
+# ------------------------------------------------------------------------------------------ Gilbert order
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the psa ops called inside the ``with`` block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        if name.startswith("psa."):
+            self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("kind", ["cogvideox", "wan"])
+def test_gilbert_order_once_per_forward(kind):
+    """Two gathers in (tokens, and the rotary tables: two more) and one out per forward, none per layer."""
+    pipe, call = build(kind)
+    with enable_psa(pipe, config=SPARSE.replace(token_order="gilbert")), _OpCounter() as ops:
+        call(num_inference_steps=2, guidance_scale=1.0)
+    forwards, layers = 2, 2
+    assert ops.counts == {
+        "psa.permute_tokens.default": 4 * forwards,
+        "psa.attention_or_dense.default": layers * forwards,
+    }
+
+
+class _PerLayerGilbert(PSAProcessor):
+    """The reference: a processor that reorders q, k, v in every layer (``psa_attention`` with the grid)."""
+
+    def _attend(self, kind, q, k, v, config, *, text_len, reordered):
+        return psa_attention(q, k, v, config, text_len=text_len, grid=TINY_GRID)
+
+
+@pytest.mark.parametrize("kind", ["cogvideox", "wan"])
+def test_gilbert_once_per_forward_equals_reordering_in_every_layer(kind):
+    """At a sparse budget the blocks see the same curve-ordered tokens as a per-layer reorder would give
+    them, so the masks and outputs agree; raster order gives other blocks and another output."""
+    config = SPARSE.replace(token_order="gilbert")
+    pipe, call = build(kind)
+    with enable_psa(pipe, config=config):
+        once = call(num_inference_steps=1, guidance_scale=1.0)
+    with enable_psa(pipe, config=SPARSE):
+        raster = call(num_inference_steps=1, guidance_scale=1.0)
+    originals = dict(pipe.transformer.attn_processors)
+    for name, module in pipe.transformer.named_modules():
+        if name.endswith("attn1"):
+            module.set_processor(_PerLayerGilbert(config))
+    per_layer = call(num_inference_steps=1, guidance_scale=1.0)
+    pipe.transformer.set_attn_processor(originals)
+    assert rel_err(once, per_layer) < 1e-5 < rel_err(once, raster) / 10
+
+
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_wan_per_token_timesteps_follow_the_tokens(num_layers):
+    """Wan2.2-TI2V-style per-token timesteps ``[B, L]`` are put in curve order with the tokens: at full
+    budget the output equals the stock model's."""
+    model = tiny_wan_transformer(num_layers=num_layers)
+    g = torch.Generator().manual_seed(0)
+    x, ehs = torch.randn(1, 16, 5, 32, 32, generator=g), torch.randn(1, 16, 32, generator=g)
+    timestep = torch.rand(1, 5 * 16 * 16, generator=g) * 1000
+    with torch.no_grad():
+        stock = model(hidden_states=x, timestep=timestep, encoder_hidden_states=ehs).sample
+        with enable_psa(model, config=FULL.replace(token_order="gilbert")) as handle:
+            with model.cache_context("cond", step_index=0, num_inference_steps=1):
+                out = model(hidden_states=x, timestep=timestep, encoder_hidden_states=ehs).sample
+        shuffled = model(hidden_states=x, timestep=timestep.flip(-1), encoder_hidden_states=ehs).sample
+    assert handle.stats()[0][f"transformer.blocks.{num_layers - 1}.attn1"].density == pytest.approx(1.0)
+    assert rel_err(out, stock) < 1e-5
+    assert rel_err(shuffled, stock) > 1e-3  # the timesteps' order matters: the test can fail
+
+
+@pytest.mark.parametrize("kind", ["cogvideox", "cogvideox-sincos"])
+def test_cogvideox_gilbert_full_budget_equals_stock(kind):
+    """CogVideoX's joint sequence: text first in the model, [video, text] inside PSA, video and its RoPE
+    tables (or its sincos position embeddings, added in the patch embedding) in curve order through the
+    blocks; at full budget the output is the stock one."""
+    pipe, call = build(kind)
+    stock = call(num_inference_steps=2)
+    with enable_psa(pipe, config=FULL.replace(token_order="gilbert")) as handle:
+        out = call(num_inference_steps=2)
+    assert rel_err(out, stock) < 1e-5
+    assert all(s.density == pytest.approx(1.0) for layers in handle.stats().values() for s in layers.values())
+
+
+def test_with_grad_enabled_psa_stays_differentiable():
+    """Outside no_grad the processors take the differentiable path (psa_attention), schedule included."""
+    model = tiny_wan_transformer(num_layers=1)
+    g = torch.Generator().manual_seed(0)
+    x, ehs = torch.randn(1, 16, 5, 32, 32, generator=g), torch.randn(1, 16, 32, generator=g)
+    timesteps = torch.tensor([900.0, 100.0])
+    with enable_psa(model, preset=tiny_preset("wan", num_steps=2, dense_steps=1)) as handle:
+        for t in timesteps:
+            out = model(hidden_states=x, timestep=t.expand(1), encoder_hidden_states=ehs).sample
+            out.square().mean().backward()
+    grad = model.blocks[0].attn1.to_q.weight.grad
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+    stats = handle.stats()
+    assert [stats[i]["transformer.blocks.0.attn1"].dense for i in range(2)] == [True, False]
+    assert stats[1]["transformer.blocks.0.attn1"].density == pytest.approx(SPARSE_VIDEO_DENSITY)

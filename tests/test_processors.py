@@ -20,12 +20,13 @@ from tests.tiny_models import (  # noqa: F401  (one_thread is a fixture)
     SPARSE,
     build,
     one_thread,
+    psa_logs_fixture,
     rel_err,
     tiny_cogvideox_transformer,
     tiny_wan_transformer,
 )
 
-LOGGER = "psa_diffusers.diffusers.processor"
+LOGGER = "diffusers.psa_diffusers.diffusers.processor"
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -41,7 +42,7 @@ def _install_everywhere(pipe, processor):
     [("cogvideox", False), ("cogvideox", True), ("wan-i2v", False), ("wan-i2v", True)],
     ids=["cogvideox", "cogvideox-fused", "wan-i2v", "wan-i2v-fused"],
 )
-def test_full_budget_on_every_layer_equals_stock(kind, fuse, caplog):
+def test_full_budget_on_every_layer_equals_stock(kind, fuse, psa_logs):
     """One shared processor on every layer, Wan's cross-attention and image context included."""
     pipe, call = build(kind)
     if fuse:
@@ -50,11 +51,11 @@ def test_full_budget_on_every_layer_equals_stock(kind, fuse, caplog):
         assert layers and all(m.fused_projections for m in layers)
     stock = call(num_inference_steps=1)
     _install_everywhere(pipe, PSAProcessor(FULL))
-    with caplog.at_level(logging.INFO, logger=LOGGER):
+    with psa_logs.at_level(logging.INFO, logger=LOGGER):
         out = call(num_inference_steps=1)
     assert rel_err(out, stock) < 1e-5
     if kind == "wan-i2v":  # 2 calls (cond, uncond) x 2 layers of cross-attention: one line per cause
-        lines = [r.getMessage() for r in caplog.records if r.name == LOGGER]
+        lines = [r.getMessage() for r in psa_logs.records if r.name == LOGGER]
         assert sum("cross-attention" in m for m in lines) == 1
         assert sum("image-context" in m for m in lines) == 1
 
@@ -76,7 +77,7 @@ def _cog_layer_inputs(seed=0, video=160, text=8):
     return attn, hs, ehs
 
 
-def test_cogvideox_attention_mask_runs_stock_and_logs_once(caplog):
+def test_cogvideox_attention_mask_runs_stock_and_logs_once(psa_logs):
     attn, hs, ehs = _cog_layer_inputs()
     mask = torch.rand(2, 1, hs.shape[1] + ehs.shape[1]) > 0.2
     mask[..., 0] = True
@@ -85,11 +86,11 @@ def test_cogvideox_attention_mask_runs_stock_and_logs_once(caplog):
         attn.set_processor(CogVideoXAttnProcessor2_0())
         ref = attn(hs, ehs, attention_mask=bias)
         attn.set_processor(PSAProcessor(SPARSE))
-        with caplog.at_level(logging.INFO, logger=LOGGER):
+        with psa_logs.at_level(logging.INFO, logger=LOGGER):
             outs = [attn(hs, ehs, attention_mask=bias) for _ in range(3)]
     for out in outs:
         assert all(torch.equal(a, b) for a, b in zip(out, ref))
-    assert sum("attention mask" in r.getMessage() for r in caplog.records) == 1
+    assert sum("attention mask" in r.getMessage() for r in psa_logs.records) == 1
 
 
 def test_wan_attention_mask_runs_stock():
@@ -120,19 +121,19 @@ def test_cogvideox_layer_full_budget_and_sparse():
     assert torch.isfinite(video).all() and rel_err(video, ref_video) > 1e-3
 
 
-def test_plain_gilbert_without_grid_runs_raster(caplog):
+def test_plain_gilbert_without_grid_runs_raster(psa_logs):
     """Without enable_psa there is no grid: a Gilbert budget runs in raster order, said once."""
     attn = tiny_wan_transformer(num_layers=1).blocks[0].attn1
     hs = torch.randn(1, 640, 24, generator=torch.Generator().manual_seed(0))
     gilbert = PSAProcessor(SPARSE.replace(token_order="gilbert"))
     raster = PSAProcessor(SPARSE)
-    with torch.no_grad(), caplog.at_level(logging.INFO, logger=LOGGER):
+    with torch.no_grad(), psa_logs.at_level(logging.INFO, logger=LOGGER):
         attn.set_processor(gilbert)
         out = [attn(hs, None, None, None) for _ in range(2)]
         attn.set_processor(raster)
         ref = attn(hs, None, None, None)
     assert torch.equal(out[0], ref) and torch.equal(out[1], ref)
-    assert sum("no token grid" in r.getMessage() for r in caplog.records) == 1
+    assert sum("no token grid" in r.getMessage() for r in psa_logs.records) == 1
 
 
 def test_processor_takes_preset_or_name():

@@ -10,6 +10,8 @@ Budgets used by the tests, on blocks of 64 queries x 32 keys over the 5x16x16 = 
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -83,3 +85,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(name="psa_logs")
+def psa_logs_fixture(caplog):
+    """caplog with PSA's INFO lines in it. PSA logs under diffusers' logger tree (its verbosity applies;
+    it does not propagate to the root logger by default): INFO verbosity and propagation for the test."""
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_info()
+    diffusers_logging.enable_propagation()
+    caplog.set_level(logging.INFO)
+    yield caplog
+    diffusers_logging.disable_propagation()
+    diffusers_logging.set_verbosity(level)

@@ -68,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
+    if args.verbose:  # the diffusers integration logs under diffusers' logger tree
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.set_verbosity_info()
     try:
         if args.command == "demo":
             return _demo(parser, args)

@@ -4,37 +4,43 @@ take it off in one line, and read what it did.
 ``enable_psa`` replaces the processor of every self-attention layer (``attn1``; Wan's cross-attention
 ``attn2`` keeps its own) with a ``PSAProcessor``, keeps the original processor objects, and registers
 a step hook on each transformer (``transformer`` and, for Wan2.2, ``transformer_2``) through diffusers'
-``HookRegistry``. ``disable_psa`` / ``PSAHandle.disable`` / leaving the handle's ``with`` block
-removes the hooks and puts the very same original processor objects back.
+``HookRegistry``, plus the token-order hooks for a Gilbert budget (``hooks.py``). A ``torch.compile``d
+transformer is served through the module it wraps. A layer whose processor a stock one replaced
+meanwhile (``fuse_qkv_projections()``) gets PSA back at the next forward (``PSAHandle.reclaim``).
+``disable_psa`` / ``PSAHandle.disable`` / leaving the handle's ``with`` block removes the hooks and
+puts the very same original processor objects back, with the attention backend set meanwhile.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import weakref
 from typing import Any
 
 import torch
+from diffusers.utils.torch_utils import unwrap_module
 
+from ..attention import BACKENDS
 from ..config import PSAConfig
 from .families import family_of_transformer
-from .hooks import PSAStepHook, find_step_hook, register_step_hook, remove_step_hook
+from .hooks import PSAStepHook, find_step_hook, register_order_hooks, register_step_hook, remove_step_hook
+from .logs import get_logger
 from .processor import PSAProcessor, resolve_schedule
-from .state import LayerStats, PSAState, mean_density
+from .state import DENSE_FALLBACK_DENSITY, LayerStats, PSAState, mean_density
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 TRANSFORMER_ATTRS = ("transformer", "transformer_2")
 """Pipeline attributes that may hold a denoising transformer (``transformer_2``: Wan2.2's low-noise expert)."""
 
 
 def _transformers(pipe_or_transformer: Any) -> tuple[Any, dict[str, torch.nn.Module]]:
-    """``(pipeline or None, {attribute: transformer})``."""
+    """``(pipeline or None, {attribute: transformer})``; a ``torch.compile``d transformer is taken by
+    the module it wraps (hooks and processors live there; the compiled wrapper sees them)."""
     if isinstance(pipe_or_transformer, torch.nn.Module):
-        return None, {"transformer": pipe_or_transformer}
+        return None, {"transformer": unwrap_module(pipe_or_transformer)}
     models = {
-        attr: getattr(pipe_or_transformer, attr)
+        attr: unwrap_module(getattr(pipe_or_transformer, attr))
         for attr in TRANSFORMER_ATTRS
         if isinstance(getattr(pipe_or_transformer, attr, None), torch.nn.Module)
     }
@@ -108,7 +114,9 @@ class PSAHandle:
         self.state = state
         self.transformers = transformers
         self._originals = originals
+        self._at_enable = {attr: dict(layers) for attr, layers in originals.items()}
         self._installed: dict[str, dict[str, PSAProcessor]] = {}
+        self._modules: dict[str, dict[str, torch.nn.Module]] = {}
         self.enabled = False
 
     @property
@@ -134,26 +142,11 @@ class PSAHandle:
         return mean_density(self.stats())
 
     def disable(self) -> None:
-        """Remove the step hooks and restore the original processor objects (a no-op when disabled)."""
+        """Remove the hooks and restore the original processor objects (a no-op when disabled)."""
         if not self.enabled:
             return
         self.state.flush()
-        for attr, model in self.transformers.items():
-            remove_step_hook(model)
-            layers = self_attention_layers(model)
-            for name, original in self._originals[attr].items():
-                module = layers.get(name)
-                if module is None:
-                    continue
-                if module.processor is self._installed[attr][name]:
-                    module.set_processor(original)
-                else:
-                    logger.warning(
-                        "disable_psa: %s.%s has had its processor replaced since enable_psa (%s); left as is",
-                        attr,
-                        name,
-                        type(module.processor).__name__,
-                    )
+        self._uninstall()
         self.enabled = False
 
     def __enter__(self) -> PSAHandle:
@@ -168,21 +161,108 @@ class PSAHandle:
         state = "enabled" if self.enabled else "disabled"
         return f"PSAHandle({self.family}, {name!r}, {layers} self-attention layers, {state})"
 
+    def reclaim(self, attr: str) -> None:
+        """Put PSA back on the self-attention layers of ``transformer`` ``attr`` whose processor was
+        replaced since ``enable_psa`` by one that PSA reproduces (``fuse_qkv_projections()`` on CogVideoX
+        swaps in ``FusedCogVideoXAttnProcessor2_0``; ``set_attn_processor`` with a stock processor):
+        the replacement becomes what ``disable`` restores. Other processors are left alone (and left in
+        place by ``disable``). Called by the step hook before every forward; host-side, cheap."""
+        modules, installed, kinds = self._modules.get(attr, {}), self._installed.get(attr, {}), _reclaimable()
+        reclaimed = [
+            name
+            for name, processor in installed.items()
+            if modules[name].processor is not processor and type(modules[name].processor) in kinds
+        ]
+        if reclaimed:
+            self._forget_in_saved_processors(attr)
+        for name in reclaimed:
+            processor, module = installed[name], modules[name]
+            current = self._originals[attr][name] = module.processor
+            for key in ("_attention_backend", "_parallel_config"):
+                if hasattr(current, key):
+                    setattr(processor, key, getattr(current, key))
+            module.set_processor(processor)
+        if reclaimed:
+            self.state.note(
+                f"reclaimed {attr}",
+                f"{len(reclaimed)} self-attention layer(s) of {attr} had their processor replaced by "
+                f"{type(self._originals[attr][reclaimed[0]]).__name__} (e.g. fuse_qkv_projections()): PSA "
+                "stays on them, and disable_psa restores the replacement",
+            )
+
+    def _forget_in_saved_processors(self, attr: str) -> None:
+        """``fuse_qkv_projections()`` keeps the processors it replaced in ``original_attn_processors`` for
+        ``unfuse_qkv_projections()``: there, PSA's processors become the ones PSA replaced, so that an
+        unfuse after ``disable`` does not bring PSA back."""
+        saved = getattr(self.transformers[attr], "original_attn_processors", None)
+        if not isinstance(saved, dict):
+            return
+        names = {id(p): name for name, p in self._installed.get(attr, {}).items()}
+        for key, processor in list(saved.items()):
+            name = names.get(id(processor))
+            if name is not None:
+                saved[key] = self._at_enable[attr][name]
+
     def _install(self, backend: str) -> None:
-        for attr, model in self.transformers.items():
-            self._installed[attr] = {}
-            for name, module in self_attention_layers(model).items():
-                original = self._originals[attr][name]
-                processor = PSAProcessor(self.schedule, backend=backend)
-                processor._state = self.state
-                processor._layer = f"{attr}.{name}"
-                for key in ("_attention_backend", "_parallel_config"):
-                    if getattr(original, key, None) is not None:
-                        setattr(processor, key, getattr(original, key))
-                module.set_processor(processor)
-                self._installed[attr][name] = processor
-            register_step_hook(model, PSAStepHook(self.state, attr, self.family, handle=self))
+        """Install processors and hooks on every transformer; on any failure undo what was done."""
+        reorder = self.config.token_order == "gilbert"
+        try:
+            for attr, model in self.transformers.items():
+                self._installed[attr] = {}
+                self._modules[attr] = self_attention_layers(model)
+                for name, module in self._modules[attr].items():
+                    original = self._originals[attr][name]
+                    processor = PSAProcessor(self.schedule, backend=backend)
+                    processor._state = self.state
+                    processor._layer = f"{attr}.{name}"
+                    processor.control = torch.zeros(1 + module.heads, dtype=torch.int32)
+                    for key in ("_attention_backend", "_parallel_config"):
+                        if getattr(original, key, None) is not None:
+                            setattr(processor, key, getattr(original, key))
+                    module.set_processor(processor)
+                    self._installed[attr][name] = processor
+                self.state.register(attr, [(p._layer, p) for p in self._installed[attr].values()])
+                register_step_hook(model, PSAStepHook(self.state, attr, self.family, handle=self, reorder=reorder))
+                if reorder:
+                    register_order_hooks(model, self.state, self.family)
+        except BaseException:
+            self._uninstall(quiet=True)
+            raise
         self.enabled = True
+
+    def _uninstall(self, *, quiet: bool = False) -> None:
+        """Remove the hooks; give every layer that still has PSA's processor its original back, with the
+        attention backend and parallel config set on PSA's processor meanwhile
+        (``set_attention_backend``, ``enable_parallelism``)."""
+        for attr, model in self.transformers.items():
+            remove_step_hook(model)
+            self._forget_in_saved_processors(attr)
+            for name, processor in self._installed.get(attr, {}).items():
+                module = self._modules[attr][name]
+                original = self._originals[attr][name]
+                if module.processor is processor:
+                    for key in ("_attention_backend", "_parallel_config"):
+                        value = getattr(processor, key, None)
+                        if hasattr(original, key) and getattr(original, key) is not value:
+                            setattr(original, key, value)
+                    module.set_processor(original)
+                elif not quiet:
+                    known = type(module.processor) in _reclaimable()
+                    logger.log(
+                        logging.INFO if known else logging.WARNING,
+                        "disable_psa: %s.%s has had its processor replaced since enable_psa (%s); left as is",
+                        attr,
+                        name,
+                        type(module.processor).__name__,
+                    )
+
+
+def _reclaimable() -> tuple[type, ...]:
+    """The stock processor classes whose computation ``PSAProcessor`` reproduces exactly."""
+    from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0, FusedCogVideoXAttnProcessor2_0
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+    return (CogVideoXAttnProcessor2_0, FusedCogVideoXAttnProcessor2_0, WanAttnProcessor)
 
 
 def enable_psa(
@@ -191,6 +271,7 @@ def enable_psa(
     config: PSAConfig | None = None,
     *,
     backend: str = "auto",
+    dense_fallback: float | None = DENSE_FALLBACK_DENSITY,
     **overrides: Any,
 ) -> PSAHandle:
     """Install pyramid sparse attention on a CogVideoX or Wan pipeline (or a bare transformer).
@@ -200,13 +281,21 @@ def enable_psa(
     config:    a PSAConfig: alone, sparse at every step; with a preset, replaces the preset's config
                and keeps its dense-step schedule.
     backend:   ``psa_attention`` backend ("auto", "reference", "triton").
+    dense_fallback: a head whose mask, measured two forwards earlier, had a FLOP density above this
+               runs dense attention (never slower than dense; docs/design.md, section 5); None: never.
     overrides: PSAConfig fields to replace, e.g. ``block_q=64``.
 
-    The step index comes from the pipeline's scheduler timesteps (with a bare transformer, from the
-    sequence of timesteps; the run length is then the preset's ``num_steps``). Raises ValueError for
-    an unsupported model, a preset of another family, or PSA already enabled -- before changing
+    The step index comes from the host, never from a device tensor: the pipeline's cache context
+    (Wan passes ``step_index``), else the timestep's place in the scheduler's ``timesteps`` tensor that
+    the pipeline iterates (CogVideoX). A forward that matches neither (a transformer called with its own
+    timestep tensor) logs a warning and counts steps from timestep values (a host read); the run length
+    is then the preset's ``num_steps``. A ``torch.compile``d transformer (``torch.compile(model)`` or
+    ``model.compile()``, before or after this call) works as is. Raises ValueError for an unsupported
+    model, a preset of another family, a bad ``dense_fallback``, or PSA already enabled -- before changing
     anything. Returns a ``PSAHandle``; ``with enable_psa(pipe) as handle: ...`` disables on exit.
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r}: allowed values are {BACKENDS}")
     pipe, models = _transformers(pipe_or_transformer)
     families = {attr: family_of_transformer(model) for attr, model in models.items()}
     for attr, family in families.items():
@@ -232,15 +321,13 @@ def enable_psa(
             )
         originals[attr] = {name: module.processor for name, module in layers.items()}
 
-    timesteps = None
-    if pipe is not None:
-        pipe_ref = weakref.ref(pipe)
-
-        def timesteps():
-            scheduler = getattr(pipe_ref(), "scheduler", None)
-            return getattr(scheduler, "timesteps", None)
-
-    state = PSAState(schedule, timesteps=timesteps)
+    if dense_fallback is not None and (
+        isinstance(dense_fallback, bool)
+        or not isinstance(dense_fallback, (int, float))
+        or not 0.0 < dense_fallback <= 1.0
+    ):
+        raise ValueError(f"dense_fallback={dense_fallback!r}: expected a FLOP density in (0, 1], or None")
+    state = PSAState(schedule, dense_fallback=dense_fallback)
     handle = PSAHandle(family=family, state=state, transformers=models, originals=originals)
     handle._install(backend)
     logger.info("PSA enabled: %r", handle)

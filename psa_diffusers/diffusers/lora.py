@@ -15,7 +15,6 @@ the pipeline is left as it was; ``PSALora.remove`` runs the same undo later.
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,10 +23,11 @@ import torch
 
 from ..presets import Preset, get_preset
 from .families import family_of_transformer
+from .logs import get_logger
 from .lora_check import check_lora_file
 from .lora_source import resolve_lora_file
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 DEFAULT_REPO = "GYP666/BLADE"
 DEFAULT_WEIGHT_NAME = "cogvideox-5b-psa-lora/pytorch_lora_weights.safetensors"
@@ -153,7 +153,8 @@ class _Undo:
             return
         if self.adapters_before:
             self.pipe.delete_adapters(name)
-            self.pipe.set_adapters(self.active_before)
+            if self.active_before:  # set_adapter, not set_adapters: keeps the adapters' weights
+                self.transformer.set_adapter(self.active_before)
             return
         self.pipe.unload_lora_weights()
         for attr in self._PEFT_ATTRS:  # peft leaves markers behind: put back exactly what was there
@@ -192,6 +193,9 @@ def load_psa_lora(
                   ``from_config`` of the current one; its schedule and budget drive PSA.
     fuse:         fuse the LoRA into the base weights (no LoRA cost per call). A CPU copy of the adapted
                   layers' base weights is kept so that ``PSALora.remove`` restores them bit for bit.
+
+    Adapters the transformer already had stay loaded, and those active stay active with their weights,
+    beside the new one.
 
     Returns a ``PSALora``: ``pipe(prompt, **result.call_kwargs)`` runs the recipe (4 steps, guidance 1.0
     by default); ``result.handle`` is the PSA handle; ``result.remove()`` undoes everything.
@@ -232,6 +236,8 @@ def load_psa_lora(
     try:
         undo.adapter_name = adapter_name
         pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=adapter_name)
+        if undo.active_before:  # loading activates only the new adapter: the user's stay active, weights kept
+            transformer.set_adapter([*undo.active_before, adapter_name])
         loaded = _count_adapted(transformer, adapter_name)
         if loaded != len(info.ranks):
             raise ValueError(f"{file}: diffusers adapted {loaded} modules, the file holds {len(info.ranks)}")

@@ -5,7 +5,7 @@ It computes what the stock processors compute -- ``CogVideoXAttnProcessor2_0`` a
 ``FusedCogVideoXAttnProcessor2_0`` (text-first joint sequence, LayerNorm QK norms, 3D RoPE on the
 video tokens, ``(video, text)`` tuple return) and ``WanAttnProcessor`` (plain or fused projections,
 RMSNorm QK norms across heads, interleaved RoPE, the image-to-video image-context branch) -- and
-replaces only the core of self-attention, ``softmax(q k^T) v``, with :func:`psa_attention`.
+replaces only the core of self-attention, ``softmax(q k^T) v``.
 
 Runs the stock dense computation instead, with one log line per cause:
 
@@ -14,20 +14,28 @@ Runs the stock dense computation instead, with one log line per cause:
 * a call with an ``attention_mask`` (neither pipeline passes one; PSA has no mask input);
 * Wan under context parallelism (``_parallel_config`` set): the sequence is split across devices
   and only ``dispatch_attention_fn`` gathers it;
-* shapes PSA cannot serve (no video tokens, an unsupported dtype);
-* a dense step of the preset's schedule (when installed by ``enable_psa``; not logged, in ``stats()``).
+* shapes PSA cannot serve (no video tokens, an unsupported dtype).
 
-Installed by ``enable_psa``, a processor knows the denoising step and the token grid from the step
-hook. Installed by hand (``transformer.set_attn_processor(PSAProcessor(...))``) it knows neither:
-it uses the steady-state budget (the preset's sparse-step ``config``) at every step, and the token
-order falls back to raster order, because a Gilbert reordering needs the ``(T, H, W)`` grid.
-Installed on every layer that way, Wan's cross-attention layers run the stock computation.
+Installed by ``enable_psa``, the core is the op ``psa.attention_or_dense`` with the processor's CPU
+``control``, which the step hook sets on the host before each forward: SDPA on a dense step of the
+preset's schedule, PSA on a sparse one, SDPA again where the mask has been too dense to pay (the dense
+fallback, for the whole layer or some of its heads). The processor reads only the forward's
+``ForwardPlan`` (whether the tokens are already in Gilbert order, fixed for the run) and leaves what it
+did on itself (``last_density``, the per-head mask densities on the device, and ``last_reason``), where
+the hook collects it; it logs nothing itself. So a compiled block reads no device value, stores two
+attributes, and has one graph for the whole run (docs/design.md, section 5). With grad enabled (the op
+is inference only) or a diffusers attention backend set on a Wan layer (kept for the dense steps), the
+choice is made in Python from the plan, with :func:`psa_attention` on sparse steps.
+
+Installed by hand (``transformer.set_attn_processor(PSAProcessor(...))``) it knows neither step nor
+grid: it runs :func:`psa_attention` with the steady-state budget (the preset's sparse-step ``config``)
+at every step, in raster token order. Installed on every layer that way, Wan's cross-attention layers
+run the stock computation. Its log lines (one per cause) are skipped while ``torch.compile`` traces it.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any
 
 import torch
@@ -37,11 +45,21 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_wan import WanAttention
 
-from ..attention import BACKENDS, psa_attention
+from ..attention import BACKENDS, attention_or_dense, psa_attention
 from ..config import PSAConfig
-from .state import DENSE_STEP, PSAState
+from ..library import head_densities
+from .logs import get_logger
+from .state import (
+    ATTENTION_MASK,
+    CONTEXT_PARALLEL,
+    CROSS_ATTENTION,
+    EXPECTED_CAUSES,
+    IMAGE_CONTEXT,
+    SCHEDULED,
+    PSAState,
+)
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 WAN_TEXT_CONTEXT_LEN = 512
 """diffusers' ``WanAttnProcessor`` (0.42) takes Wan2.1 I2V cross-attention's image context to be
@@ -50,12 +68,7 @@ image-context branch splits exactly as the stock one does."""
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-# causes of a dense (stock) computation; the first three are expected, the others are warned about
-CROSS_ATTENTION = "cross-attention"
-IMAGE_CONTEXT = "image-context attention"
-ATTENTION_MASK = "attention mask"
-CONTEXT_PARALLEL = "context parallelism"
-_EXPECTED = (CROSS_ATTENTION, IMAGE_CONTEXT)
+__all__ = ["ATTENTION_MASK", "CONTEXT_PARALLEL", "CROSS_ATTENTION", "IMAGE_CONTEXT", "PSAProcessor", "resolve_schedule"]
 
 
 def resolve_schedule(config_or_preset: Any) -> Any:
@@ -114,6 +127,16 @@ class PSAProcessor:
         self._state: PSAState | None = None
         self._layer: str | None = None
         self._logged: set[str] = set()
+        self.last_density: torch.Tensor | None = None
+        """Under ``enable_psa``: the FLOP density of each head's mask in the last call (``[H]`` float64
+        on the inputs' device), None when no mask was built; the step hook collects and clears it."""
+        self.last_reason: str | None = None
+        """Under ``enable_psa``: why the last call ran dense, None after a sparse one, ``SCHEDULED``
+        when the step hook's control decided."""
+        self.control: torch.Tensor | None = None
+        """Under ``enable_psa``: the CPU tensor ``[1 + heads]`` the step hook sets per forward (the action,
+        ``library.SPARSE``, ``DENSE`` or ``DENSE_MEASURED``, then a dense flag per head), read by the
+        op ``psa.attention_or_dense``."""
 
     @property
     def config(self) -> PSAConfig:
@@ -147,46 +170,47 @@ class PSAProcessor:
 
     # ------------------------------------------------------------------ decisions
     def _note(self, cause: str, message: str | None = None) -> None:
-        """Log ``cause`` once per processor (once per ``enable_psa`` when installed by it).
-
-        Without ``message`` the cause is a dense fallback: "<cause> runs the stock dense computation".
-        """
-        logged = self._state.logged if self._state is not None else self._logged
-        if cause in logged:
+        """Log ``cause`` once per processor, when installed by hand (under ``enable_psa`` the step hook
+        logs the causes it collects). Without ``message`` the cause is a dense fallback."""
+        if torch.compiler.is_compiling() or self._state is not None or cause in self._logged:
             return
-        logged.add(cause)
-        where = f" (first seen in {self._layer})" if self._layer else ""
-        level = logging.INFO if cause in _EXPECTED else logging.WARNING
-        message = message or f"{cause} runs the stock dense computation"
-        logger.log(level, "PSAProcessor: %s%s", message, where)
+        self._logged.add(cause)
+        level = logging.INFO if cause in EXPECTED_CAUSES else logging.WARNING
+        logger.log(level, "PSAProcessor: %s", message or f"{cause} runs the stock dense computation")
+
+    def _route(self, static: str | None, *, backend: Any = None) -> tuple[str, PSAConfig | None, str | None, bool]:
+        """How a self-attention call runs: ``(kind, config, dense_reason, reordered)``.
+
+        kind: "scheduled" -- the op ``psa.attention_or_dense`` with this processor's ``control``, which
+              the step hook sets on the host per forward (dense step, sparse, dense fallback): one
+              compiled graph serves the whole run; "sparse" -- ``psa_attention`` with ``config``;
+              "dense" -- the stock computation, for ``dense_reason``.
+        static: a cause that makes this call dense whatever the step (cross-attention, a mask, ...).
+        backend: the diffusers attention backend the stock dense computation would use (Wan): dense
+              steps keep it, so they do not go through the op.
+        """
+        state = self._state
+        if static is not None:
+            return "dense", None, static, False
+        if state is None:
+            return "sparse", self.config, None, False
+        plan = state.plan
+        if plan is None:  # called outside a transformer forward
+            return "sparse", state.steady_config, None, False
+        reordered = plan.grid is not None
+        if self.control is not None and backend is None and not torch.is_grad_enabled():  # the op: inference only
+            return "scheduled", state.steady_config, None, reordered
+        if plan.config is None:
+            return "dense", None, plan.reason, reordered
+        return "sparse", plan.config, None, reordered
 
     def _dense(self, cause: str | None) -> None:
-        """A self-attention call that runs dense: log the cause (schedule steps are not logged), record it."""
+        """A self-attention call that runs dense: note the cause, leave it for the step hook."""
         if cause is None:
             return
-        if cause != DENSE_STEP:
-            self._note(cause)
-        if self._state is not None and self._layer is not None:
-            self._state.record(self._layer, 1.0, cause)
-
-    def _budget(self) -> tuple[PSAConfig | None, str | None, tuple[int, int, int] | None]:
-        """``(config, dense_reason, grid)`` for a self-attention call."""
-        if self._state is None:
-            return self.config, None, None
-        info = self._state.current
-        config, reason = self._state.config_for(info)
-        return config, reason, (info.grid if info is not None else None)
-
-    def _grid_for(self, config: PSAConfig, grid: tuple[int, int, int] | None, video_len: int):
-        if config.token_order != "gilbert":
-            return None
-        if grid is None:
-            self._note("no token grid", "no token grid (installed without enable_psa): Gilbert order runs as raster")
-            return None
-        if math.prod(grid) != video_len:
-            self._note("grid mismatch", f"token grid {grid} does not hold {video_len} video tokens: raster order")
-            return None
-        return grid
+        self._note(cause)
+        if self._state is not None:
+            self.last_density, self.last_reason = None, cause
 
     def _unsupported(self, q: torch.Tensor, video_len: int) -> str | None:
         if q.dtype not in _DTYPES:
@@ -195,13 +219,19 @@ class PSAProcessor:
             return "no video tokens"
         return None
 
-    def _sparse(self, q, k, v, config: PSAConfig, *, text_len: int, grid: tuple[int, int, int] | None) -> torch.Tensor:
-        """PSA over q, k, v ``[B, H, L, D]`` (text last); records the density used."""
-        grid = self._grid_for(config, grid, q.shape[2] - text_len)
-        out, mask = psa_attention(q, k, v, config, text_len=text_len, grid=grid, backend=self.backend, return_mask=True)
-        if self._state is not None and self._layer is not None:
+    def _attend(self, kind: str, q, k, v, config: PSAConfig, *, text_len: int, reordered: bool) -> torch.Tensor:
+        """PSA over q, k, v ``[B, H, L, D]`` (text last, video already in curve order when ``reordered``),
+        scheduled or sparse; leaves the density for the step hook."""
+        if kind == "scheduled":
+            out, density = attention_or_dense(q, k, v, config, self.control, text_len=text_len, backend=self.backend)
+            self.last_density, self.last_reason = density, SCHEDULED
+            return out
+        if config.token_order == "gilbert" and not reordered:
+            self._note("no token grid", "no token grid (installed without enable_psa): Gilbert order runs as raster")
+        out, mask = psa_attention(q, k, v, config, text_len=text_len, backend=self.backend, return_mask=True)
+        if self._state is not None:
             length = q.shape[2]
-            self._state.record(self._layer, mask.density_tensor(length, length), None)
+            self.last_density, self.last_reason = head_densities(mask, length, length), None
         return out
 
     # ------------------------------------------------------------------ CogVideoX
@@ -215,17 +245,18 @@ class PSAProcessor:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         text_len = 0 if encoder_hidden_states is None else encoder_hidden_states.size(1)
         video_len = hidden_states.size(1)
-        config, reason, grid = self._budget()
+        static = None
         if attn.is_cross_attention:
-            config, reason = None, CROSS_ATTENTION
+            static = CROSS_ATTENTION
         elif attention_mask is not None:
-            config, reason = None, ATTENTION_MASK
-        elif config is not None and (why := self._unsupported(hidden_states, video_len)) is not None:
-            config, reason = None, why
+            static = ATTENTION_MASK
+        else:
+            static = self._unsupported(hidden_states, video_len)
+        kind, config, reason, reordered = self._route(static)
 
         # The stock joint sequence is [text, video]; PSA wants text last, so the sparse path builds
         # [video, text] directly (every op before attention is per token; attention does not care).
-        sparse = config is not None
+        sparse = kind != "dense"
         parts = [hidden_states, encoder_hidden_states] if sparse else [encoder_hidden_states, hidden_states]
         joint = torch.cat([p for p in parts if p is not None], dim=1)
         batch_size, sequence_length, _ = joint.shape
@@ -251,7 +282,7 @@ class PSAProcessor:
                 key[:, :, video] = apply_rotary_emb(key[:, :, video], image_rotary_emb)
 
         if sparse:
-            out = self._sparse(query, key, value, config, text_len=text_len, grid=grid)
+            out = self._attend(kind, query, key, value, config, text_len=text_len, reordered=reordered)
         else:
             self._dense(reason)
             out = F.scaled_dot_product_attention(
@@ -320,18 +351,18 @@ class PSAProcessor:
             )
             image_out = image_out.flatten(2, 3).type_as(query)
 
-        config, reason, grid = self._budget() if is_self else (None, CROSS_ATTENTION, None)
-        if is_self and config is not None:
-            if attention_mask is not None:
-                config, reason = None, ATTENTION_MASK
-            elif self._parallel_config is not None:
-                config, reason = None, CONTEXT_PARALLEL
-            elif (why := self._unsupported(query, query.shape[1])) is not None:
-                config, reason = None, why
+        static = None if is_self else CROSS_ATTENTION
+        if static is None and attention_mask is not None:
+            static = ATTENTION_MASK
+        elif static is None and self._parallel_config is not None:
+            static = CONTEXT_PARALLEL
+        elif static is None:
+            static = self._unsupported(query, query.shape[1])
+        kind, config, reason, reordered = self._route(static, backend=self._attention_backend)
 
-        if config is not None:
+        if kind != "dense":
             q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # [B, H, L, D] views
-            out = self._sparse(q, k, v, config, text_len=0, grid=grid).transpose(1, 2)
+            out = self._attend(kind, q, k, v, config, text_len=0, reordered=reordered).transpose(1, 2)
         else:
             if is_self:
                 self._dense(reason)
