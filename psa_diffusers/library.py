@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import PSAConfig
-from .mask import PyramidBlockMask, block_sizes, ceil_div
+from .mask import PyramidBlockMask, ceil_div
 from .mask_builder import build_block_mask
 from .ops.attention import psa_attention_backward_reference, sparse_attention
 from .ordering import reorder_tokens, restore_tokens
@@ -41,7 +41,6 @@ __all__ = [
     "attention_or_dense_op",
     "build_mask_op",
     "config_op_args",
-    "head_densities",
     "permute_tokens_op",
 ]
 
@@ -184,28 +183,6 @@ DENSE_MEASURED = 2
 """``control[0]``: build the mask (for its densities), run dense attention (the dense fallback)."""
 
 
-def head_densities(mask: PyramidBlockMask, seq_len_q: int, seq_len_kv: int) -> torch.Tensor:
-    """FLOP-weighted density of each head of ``mask`` (docs/design.md, section 1), the mean over the
-    batch: ``[H]`` float64 on the mask's device.
-
-    From the per-level counts, as ``PyramidBlockMask.density_tensor`` but per head, and without copying
-    host data to the device (no dense level map, no host synchronisation), so it can run on every call.
-    """
-    mask.check_fits(seq_len_q, seq_len_kv)
-    _, _, nq, nk = mask.shape
-    device = mask.device
-    counts = mask.kv_counts.to(torch.float64)  # [B, H, Nq, 4]
-    inv = torch.exp2(-torch.arange(4, dtype=torch.float64, device=device))  # 1 / LEVELS: 1, 1/2, 1/4, 1/8
-    work = (counts * inv).sum(-1) * mask.block_kv  # pooled tokens per row, as if every KV block were full
-    last = seq_len_kv - (nk - 1) * mask.block_kv
-    if last < mask.block_kv:  # the last KV block is partial: take back what it does not hold
-        position = (mask.kv_indices == nk - 1).to(torch.int32).argmax(-1, keepdim=True)  # [B, H, Nq, 1]
-        group = (position >= mask.kv_counts.to(torch.int64).cumsum(-1)).sum(-1)  # 0..3: level 1..8, 4: skipped
-        work = work - torch.cat([inv, inv.new_zeros(1)])[group] * (mask.block_kv - last)
-    rows = block_sizes(seq_len_q, mask.block_q, nq, device)
-    return (work * rows).sum(-1).mean(0) / (float(seq_len_q) * float(seq_len_kv))
-
-
 @functools.lru_cache(maxsize=256)
 def _head_index(device: str, heads: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     """``(index on device, its host source)`` of ``heads``, cached: built once per head set, copied
@@ -273,7 +250,7 @@ def attention_or_dense_impl(
         target_density=target_density,
     )  # fmt: skip
     mask = build_block_mask(q, k, config, text_len=text_len, scale=scale, backend=backend)
-    densities = head_densities(mask, q.shape[2], k.shape[2])
+    densities = mask.head_densities(q.shape[2], k.shape[2])
     dense = [h for h, flag in enumerate(flags[1 : 1 + heads]) if flag]
     if action == DENSE_MEASURED or len(dense) == heads:
         out = F.scaled_dot_product_attention(q, k, v, scale=scale)

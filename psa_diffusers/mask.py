@@ -157,16 +157,16 @@ class PyramidBlockMask:
         work = (inv * n_kv).sum(-1)  # [B, H, Nq]: pooled tokens seen by each query block
         return (work * n_q).sum(-1) / (float(seq_len_q) * float(seq_len_kv))
 
-    def density_tensor(self, seq_len_q: int, seq_len_kv: int) -> torch.Tensor:
-        """Mean FLOP-weighted density as a 0-d float64 tensor on the mask's device.
+    def head_densities(self, seq_len_q: int, seq_len_kv: int) -> torch.Tensor:
+        """FLOP-weighted density of each head, the mean over the batch: ``[H]`` float64 on the mask's device.
 
-        Computed from the per-level counts: no dense level map and no host synchronisation,
-        so it can run on every attention call (for statistics).
+        Computed from the per-level counts: no dense level map, no host data copied to the device and
+        no host synchronisation, so it can run on every attention call (statistics, the dense fallback).
         """
         self.check_fits(seq_len_q, seq_len_kv)
         _, _, nq, nk = self.shape
         counts = self.kv_counts.to(torch.float64)  # [B, H, Nq, 4]
-        inv = torch.tensor([1.0 / s for s in LEVELS], dtype=torch.float64, device=counts.device)
+        inv = torch.exp2(-torch.arange(len(LEVELS), dtype=torch.float64, device=counts.device))  # 1 / LEVELS
         work = (counts * inv).sum(-1) * self.block_kv  # pooled tokens per row, as if every KV block were full
         last = seq_len_kv - (nk - 1) * self.block_kv
         if last < self.block_kv:  # the last KV block is partial: take back what it does not hold
@@ -174,7 +174,11 @@ class PyramidBlockMask:
             group = (position >= self.kv_counts.to(torch.int64).cumsum(-1)).sum(-1)  # 0..3: level 1..8, 4: skipped
             work = work - torch.cat([inv, inv.new_zeros(1)])[group] * (self.block_kv - last)
         rows = block_sizes(seq_len_q, self.block_q, nq, counts.device)
-        return (work * rows).sum(-1).mean() / (float(seq_len_q) * float(seq_len_kv))
+        return (work * rows).sum(-1).mean(0) / (float(seq_len_q) * float(seq_len_kv))
+
+    def density_tensor(self, seq_len_q: int, seq_len_kv: int) -> torch.Tensor:
+        """Mean FLOP-weighted density as a 0-d float64 tensor on the mask's device (no host synchronisation)."""
+        return self.head_densities(seq_len_q, seq_len_kv).mean()
 
     def density(self, seq_len_q: int, seq_len_kv: int) -> float:
         """Mean FLOP-weighted density over batch and heads: 1.0 is dense."""

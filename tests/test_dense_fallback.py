@@ -13,7 +13,7 @@ from psa_diffusers import PSAConfig, PyramidBlockMask, psa_attention
 from psa_diffusers.attention import attention_or_dense
 from psa_diffusers.diffusers import enable_psa
 from psa_diffusers.diffusers.state import DENSE_FALLBACK, DENSE_FALLBACK_DENSITY
-from psa_diffusers.library import DENSE, DENSE_MEASURED, SPARSE, config_op_args, head_densities
+from psa_diffusers.library import DENSE, DENSE_MEASURED, SPARSE, config_op_args
 from tests.helpers import random_level_map
 from tests.tiny_models import KV_BLOCKS, build, one_thread, rel_err  # noqa: F401  (one_thread is a fixture)
 from tests.tiny_models import SPARSE as SPARSE_CONFIG
@@ -76,7 +76,7 @@ def test_head_densities_match_the_level_map(lq, lkv):
     g = torch.Generator().manual_seed(lq + lkv)
     level_map = random_level_map(2, 3, -(-lq // 64), -(-lkv // 32), generator=g)
     mask = PyramidBlockMask.from_level_map(level_map, block_q=64, block_kv=32)
-    assert torch.allclose(head_densities(mask, lq, lkv), mask.density_map(lq, lkv).mean(0), rtol=1e-12, atol=0)
+    assert torch.allclose(mask.head_densities(lq, lkv), mask.density_map(lq, lkv).mean(0), rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("action", [SPARSE, DENSE, DENSE_MEASURED], ids=["sparse", "dense", "dense-measured"])

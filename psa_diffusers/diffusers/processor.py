@@ -47,7 +47,6 @@ from diffusers.models.transformers.transformer_wan import WanAttention
 
 from ..attention import BACKENDS, attention_or_dense, psa_attention
 from ..config import PSAConfig
-from ..library import head_densities
 from .logs import get_logger
 from .state import (
     ATTENTION_MASK,
@@ -231,7 +230,7 @@ class PSAProcessor:
         out, mask = psa_attention(q, k, v, config, text_len=text_len, backend=self.backend, return_mask=True)
         if self._state is not None:
             length = q.shape[2]
-            self.last_density, self.last_reason = head_densities(mask, length, length), None
+            self.last_density, self.last_reason = mask.head_densities(length, length), None
         return out
 
     # ------------------------------------------------------------------ CogVideoX
