@@ -40,6 +40,7 @@ __all__ = [
     "attention_or_dense_impl",
     "attention_or_dense_op",
     "build_mask_op",
+    "config_from_op_args",
     "config_op_args",
     "permute_tokens_op",
 ]
@@ -123,11 +124,9 @@ def build_mask_op(
     scale: float,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    config = PSAConfig(
-        block_q=block_q, block_kv=block_kv, mode=mode, budgets=tuple(budgets), min_full_share=min_full_share,
-        sim_thresholds=tuple(sim_thresholds) or None, importance_stride=importance_stride,
-        target_density=target_density,
-    )  # fmt: skip
+    config = config_from_op_args(
+        mode, budgets, min_full_share, sim_thresholds, block_q, block_kv, importance_stride, target_density
+    )
     mask = build_block_mask(q, k, config, text_len=text_len, scale=scale, backend=backend)
     return mask.kv_counts.to(torch.int32).contiguous(), mask.kv_indices.to(torch.int32).contiguous()
 
@@ -139,6 +138,17 @@ def _build_mask_fake(q, k, mode, budgets, min_full_share, sim_thresholds, block_
     nq, nk = ceil_div(q.shape[2], block_q), ceil_div(k.shape[2], block_kv)
     counts = torch.empty((b, h, nq, 4), dtype=torch.int32, device=q.device)
     return counts, torch.empty((b, h, nq, nk), dtype=torch.int32, device=q.device)
+
+
+def config_from_op_args(
+    mode, budgets, min_full_share, sim_thresholds, block_q, block_kv, importance_stride, target_density
+) -> PSAConfig:
+    """The :class:`PSAConfig` of the fields an op received: the inverse of :func:`config_op_args`."""
+    return PSAConfig(
+        block_q=block_q, block_kv=block_kv, mode=mode, budgets=tuple(budgets), min_full_share=min_full_share,
+        sim_thresholds=tuple(sim_thresholds) or None, importance_stride=importance_stride,
+        target_density=target_density,
+    )  # fmt: skip
 
 
 def config_op_args(config: PSAConfig) -> tuple:
@@ -244,11 +254,9 @@ def attention_or_dense_impl(
     if action == DENSE:
         out = F.scaled_dot_product_attention(q, k, v, scale=scale)
         return out.contiguous(), torch.ones(heads, dtype=torch.float64, device=q.device)
-    config = PSAConfig(
-        block_q=block_q, block_kv=block_kv, mode=mode, budgets=tuple(budgets), min_full_share=min_full_share,
-        sim_thresholds=tuple(sim_thresholds) or None, importance_stride=importance_stride,
-        target_density=target_density,
-    )  # fmt: skip
+    config = config_from_op_args(
+        mode, budgets, min_full_share, sim_thresholds, block_q, block_kv, importance_stride, target_density
+    )
     mask = build_block_mask(q, k, config, text_len=text_len, scale=scale, backend=backend)
     densities = mask.head_densities(q.shape[2], k.shape[2])
     dense = [h for h, flag in enumerate(flags[1 : 1 + heads]) if flag]

@@ -1,7 +1,7 @@
 """Sparse pyramid attention: the reference against SDPA and a brute force, the Triton kernel against the reference.
 
 The reference (``psa_attention_reference``) is checked against SDPA at full budget and against a
-per-row brute force of DESIGN section 1. The kernel (``psa_attention_triton``) runs on CPU under
+per-row brute force of docs/design.md, section 1. The kernel (``psa_attention_triton``) runs on CPU under
 Triton's interpreter (tests/conftest.py sets ``TRITON_INTERPRET=1`` when no CUDA device exists,
 before the kernels are imported). Sizes are small: the interpreter costs about 10 ms per loop
 iteration of a program. Every launcher output is poisoned with NaN first
