@@ -18,6 +18,7 @@ column ranks blocks by the budget mode's own mass estimate.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,12 +27,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.head_types import HEAD_TYPES, battery_qkv  # noqa: E402
 from benchmarks.structured_qkv import relative_error, structured_qkv  # noqa: E402
 from psa_diffusers import PSAConfig, PyramidBlockMask, psa_attention  # noqa: E402
 from psa_diffusers.budget import estimate_pyramid_statistics  # noqa: E402
 from psa_diffusers.mask_builder import build_block_mask  # noqa: E402
 from psa_diffusers.ops.importance import estimate_block_importance, exact_block_mass  # noqa: E402
+from psa_diffusers.ops.pooling.reference import pool_tokens  # noqa: E402
 from psa_diffusers.ordering import reorder_tokens  # noqa: E402
+from psa_diffusers.presets import get_preset, list_presets  # noqa: E402
 
 SHAPES = {  # name: (grid, heads, dim)
     "wan13": ((21, 30, 52), 12, 128),
@@ -164,6 +168,231 @@ def plot(points: list[Point], plot_dir: Path) -> None:
         plt.close(fig)
 
 
+# --------------------------------------------------------------------------- the head-type battery
+BATTERY_SHAPES = {  # name: (grid, dim, text_len): reduced Wan 480p-like and CogVideoX-like shapes for a CPU
+    "wan": ((11, 30, 26), 128, 0),
+    "cogx": ((13, 30, 22), 64, 226),
+}
+BATTERY_TARGET = 0.8
+"""Issue 16: PSA error at most 0.8x binary-oracle error at densities from 0.075 to 0.3 ..."""
+BATTERY_TARGET_LOW = 1.0
+"""... and at most 1.0x at density 0.05 (below 0.075)."""
+
+
+def battery_target(density: float) -> float:
+    """The largest allowed PSA / binary-oracle error ratio at ``density``."""
+    return BATTERY_TARGET if density >= 0.0725 else BATTERY_TARGET_LOW
+
+
+class RowEvaluator:
+    """Output errors of level maps on a subset of query blocks, against dense attention in float32.
+
+    Every query block is an independent softmax problem, so the error over a subset of blocks
+    estimates the error over all of them. The logits of the subset's queries against every pooled
+    key (levels 1, 2, 4, 8 with their ``ln c`` bias) are computed once; each level map then costs a
+    gather, a softmax and a product over the pooled tokens it keeps (docs/design.md, section 1).
+    """
+
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, rows, block_q: int, scale=None):
+        b, h, _, d = q.shape
+        self.length = k.shape[2]
+        self.rows = torch.as_tensor(rows, dtype=torch.int64)
+        self.block_q = block_q
+        scale = d**-0.5 if scale is None else scale
+        tok = (self.rows[:, None] * block_q + torch.arange(block_q)).flatten()
+        if int(tok.max()) >= q.shape[2]:
+            raise ValueError("rows must be whole query blocks")
+        qs = q[:, :, tok].float() * scale  # [B, H, R*bq, D]
+        keys, vals, bias, start, level = [], [], [], [], []
+        for s in (1, 2, 4, 8):
+            kp, counts = pool_tokens(k.float(), s)
+            vp, _ = pool_tokens(v.float(), s)
+            keys.append(kp)
+            vals.append(vp)
+            bias.append(counts.float().log())
+            start.append(torch.arange(kp.shape[2]) * s)
+            level.append(torch.full((kp.shape[2],), s))
+        self.vcat = torch.cat(vals, 2).flatten(0, 1)  # [BH, P, D]
+        self.start, self.level = torch.cat(start), torch.cat(level)
+        self.z = (qs @ torch.cat(keys, 2).transpose(-1, -2) + torch.cat(bias)).flatten(0, 1)  # [BH, R*bq, P]
+        p = torch.softmax(self.z[..., : self.length], -1)
+        self.dense = p @ v.float().flatten(0, 1)  # [BH, R*bq, D]
+        self.shape = (b, h)
+        self._p_exact = p
+
+    def exact_mass(self, block_kv: int) -> torch.Tensor:
+        """The exact block mass of the subset's rows ``[B, H, R, Nk]`` (the oracle's ranking)."""
+        nk = -(-self.length // block_kv)
+        owner = torch.arange(self.length) // block_kv
+        per = torch.zeros(*self._p_exact.shape[:2], nk).index_add_(2, owner, self._p_exact)
+        r = len(self.rows)
+        return per.view(*self.shape, r, self.block_q, nk).mean(3)
+
+    def errors(self, level_map: torch.Tensor, block_kv: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(squared error, squared reference norm)`` per head ``[B, H]`` of ``level_map`` ``[B, H, R, Nk]``."""
+        lm = level_map.flatten(0, 1).long()  # [BH, R, Nk]
+        owner = (self.start // block_kv).expand(lm.shape[1], -1)
+        num = torch.empty(lm.shape[0], dtype=torch.float64)
+        den = torch.empty_like(num)
+        r, bq = lm.shape[1], self.block_q
+        for i in range(lm.shape[0]):
+            seen = lm[i].gather(1, owner) == self.level  # [R, P]
+            count = seen.sum(-1)
+            cmax = int(count.max())
+            idx = torch.argsort((~seen).to(torch.int8), dim=-1, stable=True)[:, :cmax]  # kept tokens first
+            valid = torch.arange(cmax) < count[:, None]
+            z = self.z[i].view(r, bq, -1).gather(2, idx[:, None, :].expand(r, bq, cmax))
+            p = torch.softmax(z.masked_fill(~valid[:, None, :], -math.inf), -1)
+            out = p @ self.vcat[i][idx]  # [R, bq, D]
+            ref = self.dense[i].view(r, bq, -1)
+            num[i] = (out - ref).double().square().sum()
+            den[i] = ref.double().square().sum()
+        return num.view(self.shape), den.view(self.shape)
+
+
+def binary_oracle_levels(
+    mass: torch.Tensor, rows: torch.Tensor, blocks_per_row: torch.Tensor, num_kv_blocks: int
+) -> torch.Tensor:
+    """Binary level map ``[B, H, R, Nk]``: each row's forced text blocks plus its best video blocks by ``mass``.
+
+    ``blocks_per_row`` ``[B, H]`` (float): the mean number of video blocks a row keeps; row ``r``
+    keeps ``floor((r + 1) x) - floor(r x)`` (at least 1), so the rows of a head average exactly ``x``.
+    """
+    x = blocks_per_row.double()[..., None]
+    r = rows.double()
+    keep = (torch.floor((r + 1) * x) - torch.floor(r * x)).long().clamp(min=1)  # [B, H, R]
+    order = torch.sort(mass[..., :num_kv_blocks], dim=-1, descending=True, stable=True).indices
+    ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(num_kv_blocks).expand_as(order))
+    lm = torch.ones(mass.shape, dtype=torch.int64)
+    lm[..., :num_kv_blocks] = (ranks < keep[..., None]).long()
+    return lm
+
+
+def binary_blocks_per_row(density, lq: int, lkv: int, text_len: int, block_q: int, block_kv: int):
+    """Video blocks per video row that give binary attention (text forced as in PSA) the FLOP density ``density``."""
+    nqv, nkv = (lq - text_len) // block_q, (lkv - text_len) // block_kv
+    if not text_len:
+        nqv, nkv = -(-lq // block_q), -(-lkv // block_kv)
+    forced = (lq - nqv * block_q) * lkv + nqv * block_q * (lkv - nkv * block_kv) if text_len else 0
+    work = density * lq * lkv - forced
+    return work / (min(nqv * block_q, lq) * block_kv)
+
+
+@dataclass
+class BatteryPoint:
+    shape: str
+    seed: int
+    order: str
+    kind: str
+    rule: str
+    param: str
+    density: float
+    psa: float
+    oracle: float
+
+    @property
+    def ratio(self) -> float:
+        return self.psa / self.oracle
+
+
+def battery_rules(names) -> list[tuple[str, str, object]]:
+    """``(rule, label of the swept value, PSAConfig)`` for every point of the named rules' sweeps."""
+    base = PSAConfig(block_q=128, block_kv=128, token_order="none")
+    out = []
+    for name in names:
+        if name == "quota":
+            out += [("quota", str(b), base.replace(budgets=b, min_full_share=0.0)) for b in QUOTA_SWEEP]
+        elif name == "mass":
+            out += [("mass", str(b), base.replace(mode="mass", budgets=b)) for b in MASS_SWEEP]
+        elif name in ("budget", "density"):
+            out += [(name, str(d), base.replace(mode=name, target_density=d)) for d in BUDGET_SWEEP]
+        elif name == "presets":
+            for preset in list_presets():
+                cfg = get_preset(preset).config.replace(token_order="none")
+                out.append(("preset", preset, cfg))
+        else:
+            raise ValueError(f"unknown rule {name!r}")
+    return out
+
+
+def battery_sweep(
+    shape: str, grid, dim: int, text_len: int, seed: int, rules, *, kinds=HEAD_TYPES, heads_per_kind: int = 1,
+    row_step: int = 4, orders=("gilbert", "none"), log=print,
+) -> list[BatteryPoint]:  # fmt: skip
+    """Every rule point on every head type of the battery, in both token orders; one list of points."""
+    kinds = [kd for kd in kinds if kd != "text" or text_len]
+    q, k, v, labels = battery_qkv(grid, dim, seed=seed, kinds=kinds, heads_per_kind=heads_per_kind, text_len=text_len)
+    length = q.shape[2]
+    points = []
+    for order in orders:
+        qo, ko, vo = (reorder_tokens(t, grid, text_len) for t in (q, k, v)) if order == "gilbert" else (q, k, v)
+        evals, stats = {}, {}
+        for rule, param, cfg in rules:
+            bq, bkv = cfg.block_q, cfg.block_kv
+            if bq not in evals:
+                n_rows = (length - text_len) // bq
+                evals[bq] = RowEvaluator(qo, ko, vo, rows=range(row_step // 2, n_rows, row_step), block_q=bq)
+            ev = evals[bq]
+            extra = {}
+            if cfg.mode == "budget":
+                if (bq, bkv) not in stats:
+                    stats[(bq, bkv)] = estimate_pyramid_statistics(qo, ko, block_q=bq, block_kv=bkv)
+                extra["stats"] = stats[(bq, bkv)]
+            mask = build_block_mask(qo, ko, cfg, text_len=text_len, **extra)
+            dens = mask.density_map(length, length)  # [B, H]
+            num, den = ev.errors(mask.to_level_map()[:, :, ev.rows], bkv)
+            nkv = (length - text_len) // bkv if text_len else -(-length // bkv)
+            per_row = torch.empty_like(dens)
+            for kind in dict.fromkeys(labels):
+                sel = torch.tensor([lab == kind for lab in labels])
+                per_row[:, sel] = binary_blocks_per_row(dens[:, sel].mean().item(), length, length, text_len, bq, bkv)
+            lm_bin = binary_oracle_levels(ev.exact_mass(bkv), ev.rows, per_row, nkv)
+            bnum, bden = ev.errors(lm_bin, bkv)
+            for kind in dict.fromkeys(labels):
+                sel = torch.tensor([lab == kind for lab in labels])
+                err = (num[:, sel].sum() / den[:, sel].sum()).sqrt().item()
+                orc = (bnum[:, sel].sum() / bden[:, sel].sum()).sqrt().item()
+                pt = BatteryPoint(shape, seed, order, kind, rule, param, dens[:, sel].mean().item(), err, orc)
+                points.append(pt)
+                log(
+                    f"{shape:<6} {seed:>4} {order:<8} {kind:<9} {rule:<7} {param:<30} {pt.density:8.3f} "
+                    f"{err:8.4f} {orc:8.4f} {pt.ratio:7.2f}"
+                )
+    return points
+
+
+def battery_summary(points: list[BatteryPoint]) -> list[str]:
+    """Markdown rows: per rule and head type, the worst ratio below 0.075 and from 0.075 to 0.3, and the misses."""
+    lines = ["| rule | head type | worst ratio at 0.05 (target 1.0) | worst ratio 0.075-0.3 (target 0.8) | misses |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    for rule in dict.fromkeys(p.rule for p in points):
+        for kind in dict.fromkeys(p.kind for p in points):
+            sel = [p for p in points if p.rule == rule and p.kind == kind and 0.04 <= p.density <= 0.32]
+            low = [p.ratio for p in sel if p.density < 0.0725]
+            high = [p.ratio for p in sel if p.density >= 0.0725]
+            miss = sum(p.ratio > battery_target(p.density) for p in sel)
+            fmt = lambda xs: f"{max(xs):.2f}" if xs else "--"  # noqa: E731
+            lines.append(f"| {rule} | {kind} | {fmt(low)} | {fmt(high)} | {miss}/{len(sel)} |")
+    return lines
+
+
+def run_battery(args) -> int:
+    names = args.shapes or list(BATTERY_SHAPES)
+    print(f"battery: cpu float32, heads per type {args.heads_per_kind}, every {args.row_step}th query block")
+    print(f"{'shape':<6} {'seed':>4} {'order':<8} {'kind':<9} {'rule':<7} {'param':<30} {'density':>8} "
+          f"{'PSA':>8} {'bin-orc':>8} {'PSA/orc':>7}")  # fmt: skip
+    points = []
+    for name in names:
+        grid, dim, text_len = BATTERY_SHAPES[name]
+        for seed in args.seeds:
+            points += battery_sweep(
+                name, grid, dim, text_len, seed, battery_rules(args.rules), heads_per_kind=args.heads_per_kind,
+                row_step=args.row_step, kinds=args.kinds or HEAD_TYPES,
+            )  # fmt: skip
+    print("\n".join(battery_summary(points)))
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--small", action="store_true", help="small grids that run on a CPU in minutes")
@@ -171,7 +400,14 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, nargs="*", default=[0, 1])
     ap.add_argument("--plot-dir", type=Path, default=None)
     ap.add_argument("--modes", nargs="*", default=list(MODES), choices=MODES, help="which level modes to sweep")
+    ap.add_argument("--battery", action="store_true", help="the head-type battery (CPU-sized shapes)")
+    ap.add_argument("--rules", nargs="*", default=["quota", "mass", "budget", "presets"], help="battery rules")
+    ap.add_argument("--kinds", nargs="*", default=None, choices=HEAD_TYPES, help="battery head types")
+    ap.add_argument("--heads-per-kind", type=int, default=2)
+    ap.add_argument("--row-step", type=int, default=4, help="battery: evaluate every n-th query block")
     args = ap.parse_args(argv)
+    if args.battery:
+        return run_battery(args)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     table = SMALL_SHAPES if args.small else SHAPES

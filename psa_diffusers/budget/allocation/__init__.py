@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ...ops.triton_support import resolve_table_backend
-from ..stats import PyramidStats
+from ..stats import PyramidStats, finite_stats
 from .kernel import allocate_levels_triton
 from .reference import (
     COST_UNIT,
@@ -43,8 +43,12 @@ def allocate_levels(
     caps: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Level map ``[B, H, Nq, Nk]`` int64 that spends ``budget`` (1/8 tokens per row) where it removes most error."""
+    """Level map ``[B, H, Nq, Nk]`` int64 that spends ``budget`` (1/8 tokens per row) where it removes most error.
+
+    Non-finite statistics are sanitised first (``finite_stats``), so every row keeps its best block.
+    """
     kwargs = dict(num_blocks=num_blocks, caps=caps)
+    stats = finite_stats(stats)
     if resolve_table_backend(backend, stats.mass) == "triton":
         return allocate_levels_triton(stats, budget, block_tokens, **kwargs)
     return allocate_levels_reference(stats, budget, block_tokens, **kwargs)

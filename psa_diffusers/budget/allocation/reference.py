@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import torch
 
-from ..stats import PyramidStats
+from ..stats import PyramidStats, finite_stats
 
 OPTIONS = (0, 8, 4, 2, 1)
 """The per-block options in the order of increasing cost: skip, then pooling 8, 4, 2, then full."""
@@ -154,8 +154,9 @@ def allocate_levels_reference(
     start_loss:   the mass loss ``W`` assumed before the first solve.
 
     The row's most massive block is always level 1 (and always fits: the budget is raised to
-    its cost where smaller).
+    its cost where smaller), whatever the statistics hold: they are sanitised first (``finite_stats``).
     """
+    stats = finite_stats(stats)
     nk = stats.mass.shape[-1]
     n = nk if num_blocks is None else num_blocks
     sep, lost = error_tables(stats, n)

@@ -53,6 +53,8 @@ the cost of each kernel is in docs/benchmarks.md.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ...config import POOLED_LEVELS
@@ -95,9 +97,15 @@ if HAS_TRITON:
                     pid * BLOCK_G * GROUP, L, 0, offs_d, offs_d < HEAD_DIM, GROUP, BLOCK_G, BLOCK_D)  # fmt: skip
 
     @triton.jit
+    def _lognormal_shift(v, gm1):
+        """``min(V / 2, sqrt((group - 1) V))`` in nats: the log-normal mass correction, capped where it
+        would exceed a group's largest possible total (as ``stats.lognormal_shift``)."""
+        return tl.minimum(0.5 * v, tl.sqrt(gm1 * tl.maximum(v, 0.0)))
+
+    @triton.jit
     def _pooled_pass_kernel(
         QB, KB, BIAS, INVC, VAR, M1, M2, MT, PM, PL,
-        GQ, GK, NQ, NK, NT, TPS, SPLIT, qk_scale,
+        GQ, GK, NQ, NK, NT, TPS, SPLIT, qk_scale, gm1,
         GPQ: tl.constexpr, GPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
     ):  # fmt: skip
@@ -134,7 +142,7 @@ if HAS_TRITON:
             kt = t * KBT + tl.arange(0, KBT)
             omask = gval[:, None] & (kt < NK)[None, :]
             v = tl.load(VAR + (bh * NQ + qi[:, None]) * NK + kt[None, :], mask=omask, other=0.0)
-            v = v * (0.5 * _LOG2E_K)
+            v = _lognormal_shift(v, gm1) * _LOG2E_K
             s = s + bias[None, :] + tl.reshape(tl.broadcast_to(v[:, :, None], (BLOCK_M, KBT, GPK)), (BLOCK_M, BLOCK_N))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_new = tl.where(m_new == float("-inf"), 0.0, m_new)  # a tile of empty groups only
@@ -201,7 +209,7 @@ if HAS_TRITON:
     @triton.jit
     def _select_kernel(
         QB, KB, BIAS, VAR, LSE, TOP, NONTOP, SEL, POS, REST, P1, P2,
-        GQ, GK, NQ, NK, qk_scale,
+        GQ, GK, NQ, NK, qk_scale, sq_cap, gm1,
         GPQ: tl.constexpr, GPQP: tl.constexpr, GPK: tl.constexpr,
         M: tl.constexpr, MP: tl.constexpr, T: tl.constexpr, TP: tl.constexpr,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
@@ -255,10 +263,10 @@ if HAS_TRITON:
         unsel = gval[:, None] & cpos[None, :] & ~picked & ckval[None, :]
         zkey = (skey >> 32).to(tl.int32)  # the candidate logits back from the keys (zc itself need not stay live)
         zr = tl.where(zkey >= 0, zkey, zkey ^ 0x7FFFFFFF).to(tl.float32, bitcast=True)  # == zc where unsel
-        bulk = zr + bias_c[None, :] + vc[None, :] * (0.5 * _LOG2E_K) - lse[:, None]
+        bulk = zr + bias_c[None, :] + (_lognormal_shift(vc, gm1) * _LOG2E_K)[None, :] - lse[:, None]
         e1 = tl.where(unsel, tl.math.exp2(bulk), 0.0)
         bias_s = tl.where(ckval, bias_c, 0.0)[None, :]
-        e2 = tl.where(unsel, tl.math.exp2(2.0 * bulk - bias_s + vc[None, :] * _LOG2E_K), 0.0)
+        e2 = tl.where(unsel, tl.math.exp2(2.0 * bulk - bias_s + tl.minimum(vc * _LOG2E_K, sq_cap)[None, :]), 0.0)
         pool1 = tl.sum(tl.reshape(e1, (GPQP, MP, GPK)), axis=2)  # [GPQP, MP] unpicked pooled terms per ranked block
         pool2 = tl.sum(tl.reshape(e2, (GPQP, MP, GPK)), axis=2)
         rest_sum = nontop + tl.sum(pool1, 1)
@@ -355,7 +363,7 @@ if HAS_TRITON:
     @triton.jit
     def _assemble_kernel(
         VAR, M1, M2, MT, LSE, TOP, C1, C2, IZ, IZ2, MASS, SQ,
-        LQ, GQ, NQ, NK, NT,
+        LQ, GQ, NQ, NK, NT, sq_cap,
         GROUP: tl.constexpr, GPQ: tl.constexpr, GPQP: tl.constexpr, KBT: tl.constexpr,
         M: tl.constexpr, MP: tl.constexpr, BLOCK_NK: tl.constexpr,
     ):  # fmt: skip
@@ -381,7 +389,7 @@ if HAS_TRITON:
         mass = tl.sum(tl.load(M1 + rows, mask=rmask, other=0.0) * tl.math.exp2(invz[:, None] + mt), 0) / n_q
         v_row = tl.load(VAR + (bh * NQ + qblk) * NK + jj, mask=jval, other=0.0)
         sq = tl.sum(tl.load(M2 + rows, mask=rmask, other=0.0) * tl.math.exp2(invz2[:, None] + 2.0 * mt), 0)
-        sq = sq * tl.math.exp2(v_row * _LOG2E_K)
+        sq = sq * tl.math.exp2(tl.minimum(v_row * _LOG2E_K, sq_cap))  # capped: see reference
         is_top = (jj[:, None] == top[None, :]) & (om < M)[None, :]  # [BLOCK_NK, MP]
         in_top = tl.sum(is_top.to(tl.int32), 1) > 0
         mass = tl.where(in_top, tl.sum(tl.where(is_top, mass_top[None, :], 0.0), 1), mass)
@@ -436,7 +444,7 @@ def _pooled_pass(qbar, kbar, bias, invc, var_g, *, block_q: int, block_kv: int, 
     pl = triton_support.new_output((b * h, gq, split), dtype=torch.float32, device=dev)
     _pooled_pass_kernel[(cdiv(gq, cfg["BLOCK_M"]), b * h, split)](
         qbar, kbar, bias, invc, var_g, m1, m2, mt, pm, pl,
-        gq, gk, nq, nk, nt, tps, split, cfg["qk_scale"],
+        gq, gk, nq, nk, nt, tps, split, cfg["qk_scale"], float(group - 1),
         GPQ=gpq, GPK=gpk, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=bn, HEAD_DIM=d, BLOCK_D=next_power_of_2(d),
         UPCAST=dot_upcast(qbar.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
@@ -479,7 +487,7 @@ def _refine(q, k, qbar, kbar, bias, var_g, passed, *, block_q, block_kv, group, 
     p2 = triton_support.new_output((bh, gq, mp), dtype=torch.float32, device=dev)
     _select_kernel[(nq, bh)](
         qbar, kbar, bias, var_g, lse, top, nontop, sel, pos, rest, p1, p2,
-        gq, gk, nq, nk, cfg["qk_scale"],
+        gq, gk, nq, nk, cfg["qk_scale"], math.log2(group), float(group - 1),
         GPQ=gpq, GPQP=gpqp, GPK=gpk, M=m, MP=mp, T=t_sel, TP=tp,
         HEAD_DIM=d, BLOCK_D=next_power_of_2(d), UPCAST=dot_upcast(q.dtype),
         num_warps=cfg["select_warps"], num_stages=1,
@@ -500,7 +508,7 @@ def _refine(q, k, qbar, kbar, bias, var_g, passed, *, block_q, block_kv, group, 
     sq_mass = triton_support.new_output((b, h, nq, nk), dtype=torch.float32, device=dev)
     _assemble_kernel[(nq, bh)](
         var_g, m1, m2, mt, lse, top, c1, c2, iz, iz2, mass, sq_mass,
-        lq, gq, nq, nk, nt,
+        lq, gq, nq, nk, nt, math.log2(group),
         GROUP=group, GPQ=gpq, GPQP=gpqp, KBT=kbt, M=m, MP=mp, BLOCK_NK=bnk,
         num_warps=cfg["assemble_warps"], num_stages=1,
     )  # fmt: skip

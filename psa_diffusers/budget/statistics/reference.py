@@ -7,7 +7,7 @@ import math
 import torch
 
 from ...mask import block_sizes
-from ..stats import PyramidStats, group_logit_variance
+from ..stats import PyramidStats, finite_tokens, group_logit_variance, lognormal_shift
 from ..variance.reference import pad_tokens, pooled_logit_variance_reference
 
 
@@ -31,7 +31,10 @@ def estimate_pyramid_statistics_reference(
        tokens (the pyramid's level-8 keys). Each pooled query runs a softmax over all
        pooled keys with logits ``scale * qbar . kbar + ln(c) + V/2``, where ``V`` is the
        within-group logit variance at factor ``group`` (``pooled_logit_variance_reference``): the
-       log-normal correction for the mass that the mean logit underestimates. Cost
+       log-normal correction for the mass that the mean logit underestimates, capped at
+       ``sqrt((group - 1) V)`` (``lognormal_shift``), the most that ``group`` logits of that
+       variance can add (beyond it, from ``V = 4 (group - 1)`` on, the log-normal correction grew
+       without bound and the pooled masses overflowed the refined normaliser). Cost
        ``(L/group)**2 * D``, i.e. ``L**2 D / 64``.
     2. *Refinement of the peaks.* Each row ranks its KV blocks by the pooled mass and keeps
        the best ``refine_blocks``; each query group takes, among the key groups of those
@@ -43,12 +46,17 @@ def estimate_pyramid_statistics_reference(
        the squared mass is made of those peaks.
 
     ``sq_mass`` of groups that are not refined uses the log-normal second moment
-    ``c * exp(2 zbar + 2 V)``. ``var`` may pass the ``pooled_logit_variance_reference`` result (e.g. from
-    its Triton kernel) instead of computing it here. Returns :class:`PyramidStats` (float32).
+    ``c * exp(2 zbar + 2 V)`` with ``V`` capped at ``ln(group)``: a group's squared mass is at most its
+    mass squared (all of it on one key), which the uncapped moment exceeds once ``V > ln c``, and
+    overflows float32 for large logits. Non-finite entries of q and k (NaN, inf) count as 0, so one
+    bad value costs its own token, not its whole block. ``var`` may pass the
+    ``pooled_logit_variance_reference`` result (e.g. from its Triton kernel) instead of computing it
+    here. Returns :class:`PyramidStats` (float32).
     """
     b, h, lq, d = q.shape
     lkv = k.shape[2]
     scale = d**-0.5 if scale is None else float(scale)
+    q, k = finite_tokens(q), finite_tokens(k)
     if block_q % group or block_kv % group:
         raise ValueError(f"group={group} must divide block_q={block_q} and block_kv={block_kv}")
     nq, nk = -(-lq // block_q), -(-lkv // block_kv)
@@ -82,7 +90,7 @@ def estimate_pyramid_statistics_reference(
         ng = g1 - g0
         zbar = (qbar[:, g0:g1] * scale) @ kbar.transpose(-1, -2)  # [BH, ng, Gk]
         vg = var_g[:, i0:i1].repeat_interleave(gpq, 1).repeat_interleave(gpk, 2)  # [BH, ng, Gk]
-        bulk = zbar + log_kc + 0.5 * vg  # log of each key group's mass (per query of the group)
+        bulk = zbar + log_kc + lognormal_shift(vg, group)  # log of each key group's mass (per query of the group)
         # stage 1 ranking: pooled block mass of each row
         pg = torch.softmax(bulk, dim=-1) * q_cnt[g0:g1].view(1, ng, 1)
         row_mass = pg.view(b * h, r, gpq, nk, gpk).sum((2, 4))  # [BH, r, Nk]
@@ -109,7 +117,8 @@ def estimate_pyramid_statistics_reference(
         inv_z = torch.logsumexp(-log_z, dim=-1, keepdim=True)  # log sum_r 1/Z_r
         inv_z2 = torch.logsumexp(-2 * log_z, dim=-1, keepdim=True)
         bulk_mass = torch.exp(bulk + inv_z).masked_fill(selected, 0.0)
-        bulk_sq = torch.exp(2 * bulk - log_kc + vg + inv_z2).masked_fill(selected | (k_cnt == 0), 0.0)
+        sq_log = 2 * bulk - log_kc + vg.clamp(max=math.log(group)) + inv_z2  # capped: at most the mass squared
+        bulk_sq = torch.exp(sq_log).masked_fill(selected | (k_cnt == 0), 0.0)
         bulk_mass = bulk_mass.scatter(-1, sel, top_mass)
         bulk_sq = bulk_sq.scatter(-1, sel, top_sq)
         mass[:, i0:i1] = bulk_mass.view(b * h, r, gpq, nk, gpk).sum((2, 4)) / n_q[i0:i1].view(1, r, 1)
