@@ -11,7 +11,9 @@ from typing import Any
 
 BLOCK_Q_SIZES = (64, 128)
 BLOCK_KV_SIZES = (32, 64, 128)
-MODES = ("quota", "mass", "budget")
+MODES = ("density", "quota", "mass", "budget")
+TARGET_MODES = ("density", "budget")
+"""The modes whose knob is ``target_density`` (the others use ``budgets``)."""
 TOKEN_ORDERS = ("gilbert", "none")
 LEVELS = (1, 2, 4, 8)
 """Pooling factors of the pyramid, finest first. Level 0 (skip) is not listed."""
@@ -58,10 +60,14 @@ class PSAConfig:
     block_kv: key/value block size, 32, 64 or 128.
     mode:     "quota" -- ``budgets`` are the shares of each row's blocks kept at
               levels 1, 2, 4, 8 (rest skipped); "mass" -- ``budgets`` are the
-              cumulative importance-mass thresholds for levels 1, 2, 4, 8;
-              "budget" -- each row gets ``target_density`` of the dense work and
-              spends it on the levels that remove the most estimated output error
-              (``psa_diffusers.budget``; docs/allocation.md); ``budgets`` and ``min_full_share`` are not used.
+              cumulative importance-mass thresholds for levels 1, 2, 4, 8 (the two
+              published rules); "density" -- each row gets ``target_density`` of the
+              dense work and spends it where the estimated output error drops most,
+              with statistics as cheap as the published estimate (sampled block mass and
+              squared mass with each head's sink keys, key scatter; docs/benchmarks.md,
+              section 2); "budget" -- the same allocation with the costlier refined
+              statistics (``psa_diffusers.budget``; docs/allocation.md). ``budgets`` and
+              ``min_full_share`` are not used by "density" and "budget".
     budgets:  four numbers for the pooling factors 1, 2, 4, 8 (see ``mode``).
     min_full_share: the least share of each row's blocks kept at level 1 (quota and mass modes).
     sim_thresholds: optional cosine-similarity thresholds (tau_2, tau_4, tau_8)
@@ -70,8 +76,9 @@ class PSAConfig:
               "none" keeps raster order.
     importance_stride: the importance estimate samples every n-th query and
               key of each block (deterministic; see ``ops/importance``); quota and mass modes.
+              The "density" statistics sample every n-th query and every (n/2)-th key.
     target_density: the FLOP density (docs/design.md, section 1) each row is allocated in
-              "budget" mode, in (0, 1]; required there, must be None otherwise.
+              modes "density" and "budget", in (0, 1]; required there, must be None otherwise.
     """
 
     block_q: int = 128
@@ -127,16 +134,17 @@ class PSAConfig:
                 f"PSAConfig.importance_stride={self.importance_stride}: must divide block_q={self.block_q} "
                 f"and block_kv={self.block_kv}"
             )
-        if self.mode == "budget":
+        if self.mode in TARGET_MODES:
             td = self.target_density
             if td is None:
-                raise ValueError("PSAConfig.target_density=None: mode='budget' needs a target density in (0, 1]")
+                raise ValueError(f"PSAConfig.target_density=None: mode={self.mode!r} needs a target density in (0, 1]")
             if not _is_number(td) or not (math.isfinite(td) and 0.0 < td <= 1.0):
                 raise ValueError(f"PSAConfig.target_density={td!r}: must be a number in (0, 1]")
             object.__setattr__(self, "target_density", float(td))
         elif self.target_density is not None:
             raise ValueError(
-                f"PSAConfig.target_density={self.target_density!r}: only used with mode='budget' (mode={self.mode!r})"
+                f"PSAConfig.target_density={self.target_density!r}: only used with mode in {TARGET_MODES} "
+                f"(mode={self.mode!r})"
             )
 
     @classmethod

@@ -1,5 +1,13 @@
 """build_block_mask: the recipe of a level map, over the ops.
 
+Mode "density" (levels at a target density from cheap statistics; docs/benchmarks.md, section 2):
+
+    key statistics and sink keys (ops.caps) -> sampled block statistics (ops.importance)
+        -> levels at the target density by estimated error (the budget mode's allocation)
+        -> similarity cap -> forced text levels -> the compact mask
+
+Modes "quota" and "mass" (the published rules):
+
     importance (ops.importance) -> levels (ops.levels: quota or mass rule)
         -> similarity cap (ops.caps) -> forced text levels -> the compact mask
 
@@ -16,8 +24,8 @@ import torch
 
 from .config import PSAConfig
 from .mask import PyramidBlockMask, ceil_div
-from .ops.caps import similarity_caps
-from .ops.importance import estimate_block_importance
+from .ops.caps import SINK_COUNT, SINK_SEGMENT, key_block_statistics, similarity_caps, sink_keys
+from .ops.importance import estimate_block_importance, estimate_block_statistics
 from .ops.levels import choose_levels
 from .ops.triton_support import resolve_backend
 
@@ -52,8 +60,8 @@ def build_block_mask(
     Text tokens are the last ``text_len`` tokens of both sequences: every query sees the text
     KV blocks at level 1 and text query blocks see everything at level 1. ``importance``
     ``[B, H, Nq, Nk]`` may be passed to skip the estimate (quota and mass modes), ``stats``
-    (:class:`~psa_diffusers.budget.PyramidStats`) likewise for the budget mode. ``backend``: "auto", "reference" or
-    "triton", for every op of the recipe.
+    (:class:`~psa_diffusers.budget.PyramidStats`) likewise for the density and budget modes.
+    ``backend``: "auto", "reference" or "triton", for every op of the recipe.
     """
     lq, lkv = q.shape[2], k.shape[2]
     nq, nk = ceil_div(lq, config.block_q), ceil_div(lkv, config.block_kv)
@@ -62,8 +70,12 @@ def build_block_mask(
         level_map = torch.ones(q.shape[:2] + (nq, nk), dtype=torch.int64, device=q.device)
         return PyramidBlockMask.from_valid_level_map(level_map, block_q=config.block_q, block_kv=config.block_kv)
     backend = resolve_backend(backend, q, k, names=("q", "k"))
-    if config.mode == "budget":
-        from .budget import build_budget_mask  # the opt-in mode: the default path does not load it
+    if config.mode == "density" and stats is None:
+        stats = density_statistics(
+            q, k, config, num_kv_blocks=video_kv_blocks, text_len=text_len, scale=scale, backend=backend
+        )  # fmt: skip
+    if config.mode in ("density", "budget"):
+        from .budget import build_budget_mask  # the allocation both modes share (quota and mass do not load it)
 
         return build_budget_mask(
             q, k, config, num_kv_blocks=video_kv_blocks, num_q_blocks=video_q_blocks, scale=scale,
@@ -82,3 +94,46 @@ def build_block_mask(
     return choose_levels(
         importance, config, num_kv_blocks=video_kv_blocks, num_q_blocks=video_q_blocks, caps=caps, backend=backend
     )
+
+
+def density_statistics(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    config: PSAConfig,
+    *,
+    num_kv_blocks: int,
+    text_len: int = 0,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> PyramidStats:
+    """The "density" rule's block statistics, in the budget mode's form (``PyramidStats``).
+
+    1. The mean of the sampled video queries; per KV block its within-group key scatter, and per run
+       of ``SINK_SEGMENT`` keys the key the mean query favours most (``ops.caps.key_block_statistics``);
+       the ``SINK_COUNT`` most favoured of those, among the video keys, are the head's sink candidates.
+    2. The sampled block mass and squared mass with the sinks among the samples, and the blocks
+       whose mass sits on sinks (``ops.importance.estimate_block_statistics``).
+    3. The within-group logit variance, for queries spread evenly over all directions:
+       ``scale**2 * m2_i * scatter_j(s) / D`` (``m2_i`` the mean squared norm of block ``i``'s sampled
+       queries); spike blocks get ``VAR_LIMIT``, so they are never pooled.
+
+    All of it is a few ``O(L D)`` passes plus the sampled estimate; the allocation then runs on
+    ``[B, H, Nq, Nk]`` tensors (docs/benchmarks.md, section 2).
+    """
+    from .budget.stats import VAR_LIMIT, PyramidStats
+
+    d = q.shape[-1]
+    scale = d**-0.5 if scale is None else float(scale)
+    stride = config.importance_stride
+    video = q[:, :, : q.shape[2] - text_len : stride]
+    q_mean = torch.nan_to_num(video.float(), nan=0.0, posinf=0.0, neginf=0.0).mean(2)
+    scatter, top_logit, top_index = key_block_statistics(k, q_mean, block_kv=config.block_kv, backend=backend)
+    video_runs = num_kv_blocks * config.block_kv // SINK_SEGMENT  # sink candidates among the video keys
+    sinks = sink_keys(top_logit[..., :video_runs], top_index[..., :video_runs], SINK_COUNT)
+    est = estimate_block_statistics(
+        q, k, block_q=config.block_q, block_kv=config.block_kv, stride=stride, sinks=sinks, scale=scale,
+        backend=backend,
+    )  # fmt: skip
+    var = (scale * scale / d) * est.q_sq_norm[..., None, None] * scatter.unsqueeze(2)  # [B, H, Nq, Nk, 3]
+    var = torch.where(est.spike.unsqueeze(-1), torch.full_like(var, VAR_LIMIT), var)
+    return PyramidStats(est.mass, est.sq_mass, var)

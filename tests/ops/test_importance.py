@@ -1,4 +1,5 @@
-"""The importance estimate: the sampled block mass against the exact one, and the Triton kernel against the reference.
+"""The importance estimates (the published sampled block mass; the "density" rule's block statistics) against exact
+values, and the Triton kernels against the references.
 
 The kernel runs on CPU under Triton's interpreter; every launcher output is poisoned with NaN
 first (``triton_support.POISON_OUTPUTS``), so an element the kernel forgets to write fails.
@@ -12,6 +13,8 @@ import torch
 from psa_diffusers.ops.importance import (
     estimate_block_importance_reference,
     estimate_block_importance_triton,
+    estimate_block_statistics_reference,
+    estimate_block_statistics_triton,
     exact_block_mass,
 )
 from tests.helpers import DT_IDS, needs_interpreter, random_qkv, video_qkv
@@ -56,3 +59,85 @@ def test_importance_matches_reference(d, dtype, bq, bkv, stride, lq, lkv):
     # probabilities in [0, 1], rows summing to 1: absolute tolerance (fp16 products are exact in fp32)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-6 if dtype == torch.float32 else 1e-5)
     torch.testing.assert_close(got.sum(-1), torch.ones(got.shape[:-1]), rtol=0, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- block statistics (the "density" rule)
+def _dense_probs(q, k):
+    return torch.softmax((q.double() @ k.double().transpose(-1, -2)) * q.shape[-1] ** -0.5, dim=-1)
+
+
+def test_block_statistics_at_stride_1_are_the_exact_block_mass_and_squared_mass():
+    """Stride 1 samples every query and key: mass and squared mass are then exact (computed here from dense p)."""
+    q, k, _, _ = random_qkv(1, 2, 70, 90, 16, torch.float32, seed=4)
+    q = q * 2
+    st = estimate_block_statistics_reference(q, k, block_q=32, block_kv=16, stride=1)
+    p = _dense_probs(q, k)  # [B, H, 70, 90]
+    qb, kb = torch.arange(70) // 32, torch.arange(90) // 16
+    one_q = torch.nn.functional.one_hot(qb).double()  # [70, 3]
+    one_k = torch.nn.functional.one_hot(kb).double()  # [90, 6]
+    mass = one_q.T @ p @ one_k / one_q.sum(0)[:, None]
+    sq = one_q.T @ p.square() @ one_k
+    # float32 softmax against float64: relative 1e-5 on probabilities that sum to 1
+    torch.testing.assert_close(st.mass.double(), mass, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(st.sq_mass.double(), sq, rtol=1e-4, atol=1e-8)
+    torch.testing.assert_close(st.q_sq_norm.double(), (one_q.T @ q.double().square().sum(-1).unsqueeze(-1)).squeeze(-1)
+                               / one_q.sum(0), rtol=1e-5, atol=0)  # fmt: skip
+    assert not st.spike.any()  # no sinks given
+
+
+def test_a_lone_sink_key_is_found_only_with_the_sinks():
+    """A key every query attends to, at an offset the strided samples skip: the sinks put its block's mass right."""
+    q, k, _ = video_qkv()
+    q, k = q[:, :1].clone(), k[:, :1].clone()
+    sink = 701  # block 21 of 32 keys, offset 29: not a multiple of the key stride 4
+    q_mean = q.mean(2)[0, 0]
+    k[0, 0, sink] = 16.0 * q_mean / q_mean.square().sum() * q.shape[-1] ** 0.5  # mean logit 16
+    exact = exact_block_mass(q, k, block_q=64, block_kv=32)
+    assert exact[..., sink // 32].mean() > 0.3  # the sink holds a large share of every row
+    plain = estimate_block_statistics_reference(q, k, block_q=64, block_kv=32, stride=8)
+    sinks = torch.tensor([[[sink, 5, 6]]])
+    withs = estimate_block_statistics_reference(q, k, block_q=64, block_kv=32, stride=8, sinks=sinks)
+    err_plain = (plain.mass[..., sink // 32] - exact[..., sink // 32]).abs().mean()
+    err_with = (withs.mass[..., sink // 32] - exact[..., sink // 32]).abs().mean()
+    assert err_with < 0.05 < err_plain
+    assert withs.spike[..., sink // 32].float().mean() > 0.9  # its block is a spike block in (nearly) every row
+    assert withs.spike.float().mean() < 0.05  # and few others are
+    # a sink at a sampled offset (700: offset 28) counts once, as the sink: the same estimate of its block
+    k2 = k.clone()
+    k2[0, 0, 700], k2[0, 0, sink] = k[0, 0, sink], k[0, 0, 700]
+    moved = estimate_block_statistics_reference(q, k2, block_q=64, block_kv=32, stride=8, sinks=sinks - 1)
+    assert (moved.mass[..., sink // 32] - exact[..., sink // 32]).abs().mean() < 0.05
+    assert moved.spike[..., sink // 32].float().mean() > 0.9
+
+
+STATS_CASES = [  # d, dtype, block_q, block_kv, stride, lq, lkv, sinks
+    (64, torch.float32, 64, 32, 8, 300, 270, 3),
+    (128, torch.float32, 128, 64, 8, 260, 200, 0),
+    (64, torch.float16, 64, 32, 8, 200, 230, 16),
+    (128, torch.float16, 64, 64, 4, 130, 97, 5),
+    (16, torch.float32, 64, 32, 3, 90, 75, 2),  # stride not dividing the block: padded sample slots
+]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("d,dtype,bq,bkv,stride,lq,lkv,n_sinks", STATS_CASES, ids=lambda x: DT_IDS.get(x, str(x)))
+def test_block_statistics_kernel_matches_reference(d, dtype, bq, bkv, stride, lq, lkv, n_sinks):
+    q, k, _, g = random_qkv(2, 2, lq, lkv, d, dtype, seed=d + lq)
+    q = q * 2
+    q_mean = q.float().mean(2)
+    k[:, :, 7] = (16 * q_mean / q_mean.square().sum(-1, keepdim=True) * d**0.5).to(dtype)  # mean logit 16: a sink
+    q[1, 0, 9, 3] = float("nan")  # non-finite entries count as 0 on both paths
+    k[0, 1, 11, 2] = float("inf")
+    sinks = torch.randint(0, lkv, (2, 2, n_sinks), generator=g) if n_sinks else None
+    if sinks is not None:
+        sinks[..., 0] = 7
+    ref = estimate_block_statistics_reference(q, k, block_q=bq, block_kv=bkv, stride=stride, sinks=sinks)
+    got = estimate_block_statistics_triton(q, k, block_q=bq, block_kv=bkv, stride=stride, sinks=sinks)
+    # float32 softmax in another order (fp16 products are exact in float32): probabilities to 1e-5 absolute
+    torch.testing.assert_close(got.mass, ref.mass, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(got.sq_mass, ref.sq_mass, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(got.q_sq_norm, ref.q_sq_norm, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got.spike, ref.spike)
+    torch.testing.assert_close(got.mass.sum(-1), torch.ones(got.mass.shape[:-1]), rtol=0, atol=1e-5)
+    if n_sinks:
+        assert ref.spike.any()  # the sink is seen

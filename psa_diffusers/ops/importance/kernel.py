@@ -15,9 +15,21 @@ makes two passes over the sampled keys: the first finds each row's max and sum
 them and reduces each ``[SPQ, SPK]`` sub-tile to one number, so the program
 writes finished rows of ``S`` and nothing of size ``[L/stride, L/stride]`` is
 ever stored.
+
+``estimate_block_statistics_triton`` (same math as
+:func:`.reference.estimate_block_statistics_reference`) samples keys at half the query stride
+and adds each head's sink keys, and makes *one* pass over the keys: for every key tile it
+stores, per sampled query and KV block, the unnormalised sums of ``p`` and ``p**2 / w`` taken
+against the running maximum of that tile (``[rows, Nk]`` float32 scratch, written and read back
+by the same program, so it stays in L2), with that maximum (``[rows, n_tiles]``). A closing loop,
+with no logits recomputed, rescales them by ``exp2(m_tile - m_final) / l_final``, adds the sink
+keys (kept in registers: at most 16 per head) and sums the block's sampled queries. So twice
+the keys of the published estimate cost the same ``QK^T`` as its two passes.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -34,6 +46,7 @@ from ..triton_support import (
     tl,
     triton,
 )
+from .reference import SPIKE_SHARE, BlockStatistics, key_sample_stride
 
 if HAS_TRITON:
 
@@ -115,6 +128,119 @@ if HAS_TRITON:
             ok = t * KB + tl.arange(0, KB)
             tl.store(out_base + ok[None, :], p, mask=(oq < NQ)[:, None] & (ok < NK)[None, :])
 
+    @triton.jit
+    def _finite(x):
+        """``x`` as float32 with NaN and +-inf entries set to 0."""
+        x = x.to(tl.float32)
+        return tl.where((x == x) & (tl.abs(x) < float("inf")), x, 0.0)
+
+    @triton.jit
+    def _stride_logits(
+        q, K, skn, t, LKV, NK, qk_scale, log2_w, offs_d, dmask, spos,
+        KSTRIDE: tl.constexpr, BLOCK_KV: tl.constexpr, SPK: tl.constexpr, KB: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):  # fmt: skip
+        """log2-domain logits (with each sample's log2 weight) of the sampled queries against key tile ``t``;
+        -inf off the samples and on samples that are sink keys (``spos``: counted as sinks)."""
+        c = tl.arange(0, BLOCK_N)
+        kblk = t * KB + c // SPK
+        koff = (c % SPK) * KSTRIDE
+        kpos = kblk * BLOCK_KV + koff
+        kvalid = (kblk < NK) & (koff < BLOCK_KV) & (kpos < LKV)
+        kvalid = kvalid & (tl.sum((kpos[:, None] == spos[None, :]).to(tl.int32), 1) == 0)
+        k = _finite(
+            tl.load(K + kpos[:, None] * skn + offs_d[None, :], mask=kvalid[:, None] & dmask[None, :], other=0.0)
+        )
+        s = tl.dot(q, tl.trans(k)) * qk_scale + log2_w
+        return tl.where(kvalid[None, :], s, float("-inf"))
+
+    @triton.jit
+    def _block_stats_kernel(
+        Q, K, SINKS, MASS, SQ, SPIKE, QSQ, U1, U2, MT,
+        sqb, sqh, sqm, skb, skh, skn, ssb, ssh, sob, soh, som, sqsb, sqsh,
+        H, LQ, LKV, NQ, NK, NT, NS, ROWS, qk_scale, log2_w, spike_share,
+        STRIDE: tl.constexpr, KSTRIDE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr,
+        SPQ: tl.constexpr, SPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        MS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):  # fmt: skip
+        QB: tl.constexpr = BLOCK_M // SPQ
+        KB: tl.constexpr = BLOCK_N // SPK
+        pid = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = (pid_bh // H).to(tl.int64)
+        h = (pid_bh % H).to(tl.int64)
+        offs_d = tl.arange(0, BLOCK_D)
+        dmask = offs_d < HEAD_DIM
+
+        r = tl.arange(0, BLOCK_M)
+        qblk = pid * QB + r // SPQ
+        qoff = (r % SPQ) * STRIDE
+        qpos = qblk * BLOCK_Q + qoff
+        qvalid = (qblk < NQ) & (qoff < BLOCK_Q) & (qpos < LQ)
+        q = _finite(tl.load(Q + b * sqb + h * sqh + qpos[:, None] * sqm + offs_d[None, :],
+                            mask=qvalid[:, None] & dmask[None, :], other=0.0))  # fmt: skip
+        kbase = K + b * skb + h * skh
+        row = pid_bh.to(tl.int64) * ROWS + qblk.to(tl.int64) * SPQ + r % SPQ  # scratch row of each sampled query
+        oq = pid * QB + tl.arange(0, QB)
+        n_samples = tl.sum(tl.reshape(qvalid.to(tl.float32), (QB, SPQ)), axis=1)  # [QB]
+        qsq = tl.sum(tl.reshape(tl.sum(q * q, 1), (QB, SPQ)), axis=1) / tl.maximum(n_samples, 1.0)
+        tl.store(QSQ + b * sqsb + h * sqsh + oq, qsq, mask=oq < NQ)
+
+        # the sink keys (weight 1; -1 marks none); a sampled key that is a sink is counted here only
+        sk = tl.arange(0, MS)
+        spos = tl.load(SINKS + b * ssb + h * ssh + sk, mask=sk < NS, other=-1)
+        svalid = (spos >= 0) & (spos < LKV)
+        spos = tl.where(svalid, spos, -1)
+        ks = _finite(tl.load(kbase + spos[:, None] * skn + offs_d[None, :], mask=svalid[:, None] & dmask[None, :],
+                             other=0.0))  # fmt: skip
+        s_sink = tl.where(svalid[None, :], tl.dot(q, tl.trans(ks)) * qk_scale, float("-inf"))  # [BLOCK_M, MS]
+        m_i = tl.max(s_sink, 1)
+        m_i = tl.where(m_i == float("-inf"), -1.0e30, m_i)
+        l_i = tl.sum(tl.math.exp2(s_sink - m_i[:, None]), 1)
+
+        # one pass over the strided samples: per tile, unnormalised block sums against the running max
+        for t in range(0, NT):
+            s = _stride_logits(q, kbase, skn, t, LKV, NK, qk_scale, log2_w, offs_d, dmask, spos,
+                               KSTRIDE, BLOCK_KV, SPK, KB, BLOCK_N)  # fmt: skip
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.math.exp2(s - m_new[:, None])
+            l_i = l_i * tl.math.exp2(m_i - m_new) + tl.sum(p, 1)
+            m_i = m_new
+            u1 = tl.sum(tl.reshape(p, (BLOCK_M, KB, SPK)), axis=2)
+            u2 = tl.sum(tl.reshape(p * p, (BLOCK_M, KB, SPK)), axis=2)
+            kt = t * KB + tl.arange(0, KB)
+            smask = qvalid[:, None] & (kt < NK)[None, :]
+            tl.store(U1 + row[:, None] * NK + kt[None, :], u1, mask=smask)
+            tl.store(U2 + row[:, None] * NK + kt[None, :], u2, mask=smask)
+            tl.store(MT + row * NT + t, m_new, mask=qvalid)
+        tl.debug_barrier()
+
+        # closing loop: rescale to the final max and sum, add the sinks, sum each block's sampled queries
+        inv_l = tl.where(qvalid, 1.0 / l_i, 0.0)
+        p_sink = tl.math.exp2(s_sink - m_i[:, None]) * inv_l[:, None]  # [BLOCK_M, MS]
+        sblk = tl.where(svalid, spos // BLOCK_KV, -1)
+        inv_w = tl.math.exp2(-log2_w)
+        out_rows = (oq < NQ)[:, None]
+        for t in range(0, NT):
+            kt = t * KB + tl.arange(0, KB)
+            smask = qvalid[:, None] & (kt < NK)[None, :]
+            mt = tl.load(MT + row * NT + t, mask=qvalid, other=0.0)
+            f = tl.math.exp2(mt - m_i) * inv_l
+            w1 = tl.load(U1 + row[:, None] * NK + kt[None, :], mask=smask, other=0.0) * f[:, None]
+            w2 = tl.load(U2 + row[:, None] * NK + kt[None, :], mask=smask, other=0.0) * (f * f * inv_w)[:, None]
+            hit = (sblk[:, None] == kt[None, :]).to(tl.float32)  # [MS, KB]
+            c1 = tl.sum(p_sink[:, :, None] * hit[None, :, :], 1)  # [BLOCK_M, KB] sink mass per block
+            c2 = tl.sum((p_sink * p_sink)[:, :, None] * hit[None, :, :], 1)
+            per = 1.0 / tl.maximum(n_samples, 1.0)[:, None]
+            mass = tl.sum(tl.reshape(w1 + c1, (QB, SPQ, KB)), axis=1) * per
+            sq = tl.sum(tl.reshape(w2 + c2, (QB, SPQ, KB)), axis=1)
+            sink_mass = tl.sum(tl.reshape(c1, (QB, SPQ, KB)), axis=1) * per
+            omask = out_rows & (kt < NK)[None, :]
+            out = b * sob + h * soh + oq[:, None] * som + kt[None, :]
+            tl.store(MASS + out, mass, mask=omask)
+            tl.store(SQ + out, sq, mask=omask)
+            tl.store(SPIKE + out, (sink_mass > spike_share * mass).to(tl.int8), mask=omask)
+
 
 def estimate_block_importance_triton(
     q: torch.Tensor,
@@ -161,3 +287,71 @@ def estimate_block_importance_triton(
         UPCAST=dot_upcast(q.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
     return out
+
+
+MAX_SINKS = 16
+"""Sink keys per head the statistics kernel takes (they stay in registers)."""
+
+
+def estimate_block_statistics_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    block_q: int,
+    block_kv: int,
+    stride: int = 8,
+    sinks: torch.Tensor | None = None,
+    scale: float | None = None,
+    config: dict[str, int] | None = None,
+) -> BlockStatistics:
+    """:class:`BlockStatistics` of q ``[B, H, Lq, D]`` against k in one launch (see the module docstring).
+
+    Same result as :func:`.reference.estimate_block_statistics_reference` up to float32 rounding
+    (and the bf16/fp16 products of the inputs' dtype; a spike share within rounding of
+    ``SPIKE_SHARE`` may flip). ``sinks``: ``[B, H, m]`` int64 key positions, ``m <= MAX_SINKS``.
+    Scratch: ``2 * B * H * Nq * (block_q / stride) * Nk`` float32 (2/64 of ``Lq * Nk`` floats per head at
+    stride 8). ``config`` overrides tile sizes (the ``"importance"`` entry).
+    """
+    check_supported(q, k, names=("q", "k"))
+    for name, val in (("block_q", block_q), ("block_kv", block_kv), ("stride", stride)):
+        if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+            raise ValueError(f"{name}={val!r} must be a positive integer")
+    if block_q & (block_q - 1) or block_kv & (block_kv - 1):
+        raise ValueError(f"block_q={block_q} and block_kv={block_kv} must be powers of two")
+    b, h, lq, d = q.shape
+    lkv = k.shape[2]
+    scale = d**-0.5 if scale is None else float(scale)
+    q, k = last_dim_contiguous(q), last_dim_contiguous(k)
+    nq, nk = cdiv(lq, block_q), cdiv(lkv, block_kv)
+    ks = key_sample_stride(stride)
+    spq = next_power_of_2(cdiv(block_q, stride))
+    spk = next_power_of_2(cdiv(block_kv, ks))
+    if sinks is None:
+        sinks = torch.full((b, h, 1), -1, dtype=torch.int64, device=q.device)
+    if sinks.dim() != 3 or tuple(sinks.shape[:2]) != (b, h) or not 1 <= sinks.shape[2] <= MAX_SINKS:
+        raise ValueError(f"sinks must have shape [{b}, {h}, m] with 1 <= m <= {MAX_SINKS}, got {tuple(sinks.shape)}")
+    sinks = sinks.to(device=q.device, dtype=torch.int64).contiguous()
+    cfg = kernel_config("importance", device=q.device, head_dim=d, dtype=q.dtype, override=config)
+    block_m, block_n = max(cfg["BLOCK_M"], spq, 16), max(cfg["BLOCK_N"], spk, 16)
+    n_tiles = cdiv(nk, block_n // spk)
+    rows = nq * spq
+    dev = q.device
+    mass = triton_support.new_output((b, h, nq, nk), dtype=torch.float32, device=dev)
+    sq = triton_support.new_output((b, h, nq, nk), dtype=torch.float32, device=dev)
+    spike = triton_support.new_output((b, h, nq, nk), dtype=torch.int8, device=dev)
+    q_sq = triton_support.new_output((b, h, nq), dtype=torch.float32, device=dev)
+    u1 = torch.empty((b * h, rows, nk), dtype=torch.float32, device=dev)  # scratch
+    u2 = torch.empty_like(u1)
+    mt = torch.empty((b * h, rows, n_tiles), dtype=torch.float32, device=dev)
+    grid = (cdiv(nq, block_m // spq), b * h)
+    _block_stats_kernel[grid](
+        q, k, sinks, mass, sq, spike, q_sq, u1, u2, mt,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        sinks.stride(0), sinks.stride(1), mass.stride(0), mass.stride(1), mass.stride(2),
+        q_sq.stride(0), q_sq.stride(1),
+        h, lq, lkv, nq, nk, n_tiles, sinks.shape[2], rows, scale * LOG2E, math.log2(ks), SPIKE_SHARE,
+        STRIDE=stride, KSTRIDE=ks, BLOCK_Q=block_q, BLOCK_KV=block_kv, SPQ=spq, SPK=spk,
+        BLOCK_M=block_m, BLOCK_N=block_n, MS=MAX_SINKS, HEAD_DIM=d, BLOCK_D=next_power_of_2(d),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )  # fmt: skip
+    return BlockStatistics(mass, sq, spike.bool(), q_sq)
