@@ -86,6 +86,9 @@ def make_inputs(name: str):
         text = [torch.randn(2, 48, 226, 64, generator=g).mul(2.0).to(torch.bfloat16) for _ in range(3)]
         qkv = [torch.cat([torch.cat([parts[0][i], parts[1][i]], 0), text[i]], 2).cuda() for i in range(3)]
         return (*qkv, 226, (13, 30, 45))
+    if name == "wan720":  # Wan2.1-1.3B at 1280x720, 81 frames
+        q, k, v = structured_gpu(21, 45, 80, 12, 128, seed=0)
+        return q, k, v, 0, (21, 45, 80)
     if name == "wan14":
         q, k, v = structured_gpu(21, 45, 80, 40, 128, seed=0)
         return q, k, v, 0, (21, 45, 80)
@@ -155,6 +158,16 @@ ATTN_CONFIGS = {
     128: [(128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 8, 3)],
     64: [(128, 64, 4, 3), (128, 64, 4, 4), (128, 64, 8, 3), (128, 128, 4, 3), (64, 64, 4, 3)],
 }
+RATE_CONFIGS = {  # (BLOCK_M, BLOCK_N, num_warps, num_stages, DESC, WARP_SPEC)
+    128: [(128, 64, 8, 3, 0, 0), (128, 128, 8, 3, 0, 0), (128, 128, 8, 2, 0, 0), (128, 64, 8, 3, 1, 0),
+          (128, 64, 8, 4, 1, 0), (128, 128, 8, 3, 1, 0), (128, 128, 8, 2, 1, 0), (128, 64, 4, 3, 1, 0),
+          (128, 64, 8, 3, 1, 1), (128, 128, 8, 3, 1, 1), (128, 64, 4, 3, 1, 1), (128, 128, 4, 2, 1, 0)],
+    64: [(128, 64, 4, 3, 0, 0), (128, 128, 4, 3, 0, 0), (128, 128, 8, 3, 0, 0), (128, 64, 4, 3, 1, 0),
+         (128, 64, 4, 4, 1, 0), (128, 128, 4, 3, 1, 0), (128, 128, 8, 3, 1, 0), (128, 64, 8, 3, 1, 0),
+         (128, 64, 4, 3, 1, 1), (128, 128, 4, 3, 1, 1), (128, 128, 8, 2, 1, 1)],
+}
+RATE_DENSITIES = (0.05, 0.1, 0.15, 0.3, 0.5)
+IMP_EXTRA = [(128, 64, 8, 2), (128, 128, 8, 2), (64, 128, 4, 2), (64, 128, 8, 3), (32, 64, 2, 2)]
 IMP_CONFIGS = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 2), (128, 64, 4, 3)]
 POOL_CHUNKS = (32, 64, 128)
 
@@ -358,6 +371,192 @@ def density_sweep(flex_compiled, attn_cfg=None, densities=(0.05, 0.1, 0.15, 0.2,
     return rows
 
 
+def rate_tables(flex_compiled, shapes, sweep=True):
+    """Per shape and FLOP density: the sparse kernel's per-FLOP rate against cuDNN's dense rate.
+
+    rate = (dense cuDNN ms * density) / (kernel ms): 1.0 means the sparse kernel does its FLOPs as fast as cuDNN
+    does dense ones. The kernel is pooling + attention (the mask given); "binary" masks keep the chosen blocks
+    at level 1, "pyramid" masks mix levels (70% of the FLOPs at 1x, 20% at 2x, 10% at 8x). Flex runs the binary
+    mask. With ``sweep`` the tile configs of RATE_CONFIGS are timed first at density 0.15 and the best is used
+    (the importance tiles are timed too).
+    """
+    rows, best_by_dim = [], {}
+    for name in shapes:
+        rows += shape_rates(name, flex_compiled, sweep, best_by_dim)
+        torch.cuda.empty_cache()
+    say("")
+    say("per-FLOP rate of the sparse kernel (pool + attention) against cuDNN dense, bf16, blocks 128x128:")
+    say("| shape | D | mask | density | cuDNN dense ms | PSA kernel ms | rate vs cuDNN | flex ms | flex/PSA |")
+    say("|---|---|---|---|---|---|---|---|---|")
+    for name, d, dens, kind, td, t, tf in rows:
+        flex = f"{tf:.3f} | {tf / t:.2f}x" if tf == tf else "- | -"
+        say(f"| {name} | {d} | {kind} | {dens:.3f} | {td:.3f} | {t:.3f} | {td * dens / t:.2f}x | {flex} |")
+    return rows, best_by_dim
+
+
+def shape_rates(name, flex_compiled, sweep, best_by_dim):
+    """The rate rows of one shape (see :func:`rate_tables`); fills ``best_by_dim[D]`` on its first sweep."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v, _, _ = make_inputs(name)
+    length, d = q.shape[2], q.shape[3]
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        t_dense = bench(lambda: F.scaled_dot_product_attention(q, k, v))
+    importance = estimate_block_importance_triton(q, k, block_q=128, block_kv=128, stride=8)
+
+    def time_importance(icfg):
+        return bench(lambda: estimate_block_importance_triton(q, k, block_q=128, block_kv=128, stride=8, config=icfg))
+
+    for icfg in [None] + ([dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), c)) for c in
+                           IMP_CONFIGS + IMP_EXTRA] if sweep else []):  # fmt: skip
+        try:
+            t_imp = time_importance(icfg)
+            say(f"  importance {name} cfg {icfg or 'table'}: {t_imp:.3f} ms = {100 * t_imp / t_dense:.2f}% of dense")
+        except Exception as exc:
+            say(f"  importance {name} cfg {icfg}: FAILED {type(exc).__name__}: {str(exc)[:120]}")
+
+    def masks(dens):
+        lm_p = quota_level_map(importance, sweep_fracs(dens), min_full_share=0.0)
+        lm_b = binary_level_map(importance, dens)
+        return (PyramidBlockMask.from_valid_level_map(lm_p, block_q=128, block_kv=128),
+                PyramidBlockMask.from_valid_level_map(lm_b, block_q=128, block_kv=128), lm_b)  # fmt: skip
+
+    def time_psa(mask, cfg):
+        return bench(lambda: psa_attention_triton(q, k, v, mask, config=cfg))
+
+    if sweep and d not in best_by_dim:
+        mp, mb, _ = masks(0.15)
+        ref = psa_attention_triton(q, k, v, mp)
+        timed = []
+        for bm, bn, w, st, desc, ws in RATE_CONFIGS.get(d, RATE_CONFIGS[128]):
+            cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st, "DESC": bool(desc),
+                   "WARP_SPEC": bool(ws)}  # fmt: skip
+            try:
+                err = relative_error(psa_attention_triton(q, k, v, mp, config=cfg), ref)
+                tp, tb = time_psa(mp, cfg), time_psa(mb, cfg)
+                timed.append((tp + tb, cfg))
+                say(f"  rate cfg {name} {cfg}: pyramid {tp:.3f} ms, binary {tb:.3f} ms (diff vs table {err:.1e})")
+            except Exception as exc:  # a config that fails to compile is reported and skipped
+                say(f"  rate cfg {name} {cfg}: FAILED {type(exc).__name__}: {str(exc)[:160]}")
+        best_by_dim[d] = min(timed, key=lambda r: r[0])[1] if timed else None
+        say(f"  best config for D={d}: {best_by_dim[d]}")
+    cfg = best_by_dim.get(d)
+    full = PyramidBlockMask.from_valid_level_map(torch.ones_like(importance, dtype=torch.int64), block_q=128,
+                                                 block_kv=128)  # fmt: skip
+    rows = [(name, d, 1.0, "full", t_dense, time_psa(full, cfg), float("nan"))]
+    for dens in RATE_DENSITIES:
+        mp, mb, lm_b = masks(dens)
+        bmask = flex_setup(lm_b, length, length, 128)
+        flex_compiled(q, k, v, block_mask=bmask)
+        t_flex = bench(lambda bmask=bmask: flex_compiled(q, k, v, block_mask=bmask))
+        rows.append((name, d, mp.density(length, length), "pyramid", t_dense, time_psa(mp, cfg), float("nan")))
+        rows.append((name, d, mb.density(length, length), "binary", t_dense, time_psa(mb, cfg), t_flex))
+    return rows
+
+
+BWD_CONFIGS = [  # (ROW_M, ROW_N, COL_M, COL_N, row_warps, col_warps, num_stages) of the backward kernels
+    (64, 64, 32, 128, 4, 8, 2), (64, 64, 64, 128, 4, 8, 2), (128, 32, 32, 128, 8, 8, 2), (128, 64, 64, 64, 8, 4, 2),
+    (64, 32, 32, 64, 4, 4, 3), (64, 64, 32, 128, 4, 8, 3), (128, 64, 32, 128, 8, 8, 1), (64, 128, 64, 128, 4, 8, 2),
+]
+
+
+def backward_table(flex_compiled, density=0.15, sweep=True):
+    """Forward + backward at the Wan2.1-1.3B shape (wan13, bf16): PSA against cuDNN / flash dense and binary flex.
+
+    The PSA mask mixes levels at FLOP density ``density`` (70% of its FLOPs at 1x, 20% at 2x, 10% at 8x); flex
+    runs the binary mask of the same density. Forward + backward is the ``psa.attention`` op with autograd
+    (``torch.autograd.grad`` of q, k, v); with ``sweep`` the backward tiles of BWD_CONFIGS are timed first and
+    the best is also reported (forward kernel + backward kernels called directly).
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from psa_diffusers.ops.attention import psa_attention_backward_triton
+
+    q0, k0, v0, _, _ = make_inputs("wan13")
+    b, h, length, d = q0.shape
+    scale = d**-0.5
+    go = torch.randn_like(q0)
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q0, k0, v0))
+    importance = estimate_block_importance_triton(q0, k0, block_q=128, block_kv=128, stride=8)
+    mask = PyramidBlockMask.from_valid_level_map(
+        quota_level_map(importance, sweep_fracs(density), min_full_share=0.0), block_q=128, block_kv=128
+    )
+    real = mask.density(length, length)
+    bmask = flex_setup(binary_level_map(importance, real), length, length, 128)
+
+    def fwd_bwd(fn):
+        def run():
+            return torch.autograd.grad(fn(), (q, k, v), go)
+
+        return run
+
+    def psa():
+        return torch.ops.psa.attention(q, k, v, mask.kv_counts, mask.kv_indices, 128, 128, scale, "triton")
+
+    def dense(backend):
+        def run():
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v)
+
+        return run
+
+    times = {}
+    for label, fn in (("cudnn", dense(SDPBackend.CUDNN_ATTENTION)), ("flash", dense(SDPBackend.FLASH_ATTENTION)),
+                      ("flex", lambda: flex_compiled(q, k, v, block_mask=bmask)), ("psa", psa)):  # fmt: skip
+        try:
+            with torch.no_grad():
+                times[f"{label}_fwd"] = bench(fn)
+            fwd_bwd(fn)()
+            times[f"{label}_fwd_bwd"] = bench(fwd_bwd(fn))
+        except Exception as exc:
+            say(f"  backward table {label}: FAILED {type(exc).__name__}: {str(exc)[:160]}")
+    dense_grads = fwd_bwd(dense(SDPBackend.CUDNN_ATTENTION))()
+    psa_grads = fwd_bwd(psa)()
+    errs = [relative_error(a, b_) for a, b_ in zip(psa_grads, dense_grads)]
+
+    best_cfg, best_bwd = None, float("nan")
+    if sweep:
+        timed = []
+        for rm, rn, cm, cn, rw, cw, st in BWD_CONFIGS:
+            cfg = {"ROW_M": rm, "ROW_N": rn, "COL_M": cm, "COL_N": cn, "row_warps": rw, "col_warps": cw,
+                   "num_stages": st}  # fmt: skip
+            try:
+                got = psa_attention_backward_triton(go, q0, k0, v0, mask, scale, config=cfg)
+                diff = max(relative_error(a, b_) for a, b_ in zip(got, psa_grads))
+                t = bench(lambda cfg=cfg: psa_attention_backward_triton(go, q0, k0, v0, mask, scale, config=cfg))
+                timed.append((t, cfg))
+                say(f"  backward cfg {cfg}: {t:.3f} ms (diff vs table config {diff:.1e})")
+            except Exception as exc:  # a config that fails to compile or runs out of resources is skipped
+                say(f"  backward cfg {cfg}: FAILED {type(exc).__name__}: {str(exc)[:160]}")
+        if timed:
+            best_bwd, best_cfg = min(timed, key=lambda r: r[0])
+            say(f"  best backward config: {best_cfg} ({best_bwd:.3f} ms)")
+    times["psa_bwd_table"] = bench(lambda: psa_attention_backward_triton(go, q0, k0, v0, mask, scale))
+
+    say("")
+    say(f"forward + backward, wan13 {b},{h},{length},{d} bf16, blocks 128x128, PSA density {real:.3f} "
+        f"(flex binary at the same density); do_bench medians in ms")  # fmt: skip
+    say("| method | forward | forward+backward | fwd+bwd: cuDNN / method | flash / method |")
+    say("|---|---|---|---|---|")
+    for label in ("cudnn", "flash", "flex", "psa"):
+        if f"{label}_fwd_bwd" in times:
+            t = times[f"{label}_fwd_bwd"]
+            cu, fl = times.get("cudnn_fwd_bwd", float("nan")), times.get("flash_fwd_bwd", float("nan"))
+            say(f"| {label} | {times[f'{label}_fwd']:.3f} | {t:.3f} | {cu / t:.2f}x | {fl / t:.2f}x |")
+    if best_cfg is not None and "psa_fwd" in times:
+        t = times["psa_fwd"] + best_bwd
+        cu, fl = times.get("cudnn_fwd_bwd", float("nan")), times.get("flash_fwd_bwd", float("nan"))
+        say(f"| psa, best backward tiles | {times['psa_fwd']:.3f} | {t:.3f} (fwd + bwd kernels) | {cu / t:.2f}x "
+            f"| {fl / t:.2f}x |")  # fmt: skip
+    if "flex_fwd_bwd" in times and "psa_fwd_bwd" in times:
+        say(f"flex / PSA forward+backward: {times['flex_fwd_bwd'] / times['psa_fwd_bwd']:.2f}x; PSA backward alone "
+            f"(table tiles) {times['psa_bwd_table']:.3f} ms")  # fmt: skip
+    say(f"PSA gradient errors vs dense cuDNN (sparsity error, not kernel error): dq {errs[0]:.3f} dk {errs[1]:.3f} "
+        f"dv {errs[2]:.3f}")  # fmt: skip
+    return {"density": real, **times, "best_backward_config": best_cfg, "best_backward_ms": best_bwd,
+            "grad_err_vs_dense": errs}  # fmt: skip
+
+
 def fit(xs, ys):
     n = len(xs)
     mx, my = sum(xs) / n, sum(ys) / n
@@ -372,6 +571,10 @@ def main() -> None:
     ap.add_argument("--sweep-configs", action="store_true", help="time several tile configs first")
     ap.add_argument("--out", default=None, help="folder for results.json and the log")
     ap.add_argument("--shapes", default="wan13,cogx,wan14")
+    ap.add_argument("--backward", action="store_true", help="only forward+backward at wan13 (density 0.15)")
+    ap.add_argument("--rate", action="store_true", help="only the per-FLOP rate tables (and their config sweep)")
+    ap.add_argument("--rate-shapes", default="wan13,cogx,wan720")
+    ap.add_argument("--no-rate-sweep", action="store_true", help="rate tables with the configuration table's tiles")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/attention.py needs a CUDA device")
@@ -382,6 +585,22 @@ def main() -> None:
     say(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
     flex_compiled = torch.compile(flex_attention, dynamic=False)
     results = {"device": torch.cuda.get_device_name()}
+    if args.backward:
+        res = backward_table(flex_compiled, sweep=args.sweep_configs)
+        if args.out:
+            out = Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "backward.json").write_text(json.dumps(res, indent=1, default=str))
+            (out / "backward.log").write_text("\n".join(LOG) + "\n")
+        return
+    if args.rate:
+        rows, best_rate = rate_tables(flex_compiled, args.rate_shapes.split(","), sweep=not args.no_rate_sweep)
+        if args.out:
+            out = Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "rate.json").write_text(json.dumps({"rows": rows, "best": best_rate}, indent=1, default=str))
+            (out / "rate.log").write_text("\n".join(LOG) + "\n")
+        return
 
     best = {}
     if args.sweep_configs:

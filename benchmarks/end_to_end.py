@@ -265,7 +265,10 @@ def main(argv=None) -> int:
         dense_ms, dense_mem, dense_first = time_step(model, x, case.forwards_per_step)
         attn = attention_ms(case, built_layers, case.forwards_per_step)
         preset = get_preset(case.preset)
-        budgets = {f"preset {preset.config.mode}": preset.config, "quota 10/5/0/20": fixed_budget(preset.config)}
+        fixed = fixed_budget(preset.config)
+        budgets = {f"preset {preset.config.mode}": preset.config, "quota 10/5/0/20": fixed}
+        if fixed.token_order != "none":  # the same budget in raster order: what Gilbert order costs
+            budgets["quota raster"] = fixed.replace(token_order="none")
         for label, config in budgets.items():
             if label != "quota 10/5/0/20" and config == budgets["quota 10/5/0/20"]:
                 continue

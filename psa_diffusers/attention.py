@@ -18,6 +18,7 @@ from . import library
 from .config import PSAConfig
 from .mask import PyramidBlockMask
 from .ops.attention import pool_kv_triton, sparse_attention
+from .ops.levels import RECENT_TOKENS, SINK_TOKENS, check_causal_mask, check_causal_rule
 from .ops.triton_support import BACKENDS, resolve_backend
 
 __all__ = [
@@ -69,6 +70,14 @@ def _check_text_and_grid(lq: int, lkv: int, text_len: int, grid) -> None:
         raise ValueError(f"grid reordering needs self-attention (Lq == Lkv), got Lq={lq}, Lkv={lkv}")
 
 
+def _check_causal(lq: int, lkv: int, grid, config: PSAConfig, sink_tokens: int, recent_tokens: int) -> None:
+    if lq != lkv:
+        raise ValueError(f"causal=True needs self-attention of one sequence (Lq == Lkv), got Lq={lq}, Lkv={lkv}")
+    if grid is not None:
+        raise ValueError(f"causal=True keeps the sequence order: grid={grid!r} must be None")
+    check_causal_rule(config, sink_tokens, recent_tokens)
+
+
 def _check_mask(mask, q: torch.Tensor, lkv: int) -> PyramidBlockMask:
     if not isinstance(mask, PyramidBlockMask):
         raise TypeError(f"mask must be a PyramidBlockMask, got {type(mask).__name__}")
@@ -98,6 +107,9 @@ def psa_attention(
     grid: tuple[int, int, int] | None = None,
     backend: str = "auto",
     return_mask: bool = False,
+    causal: bool = False,
+    sink_tokens: int = SINK_TOKENS,
+    recent_tokens: int = RECENT_TOKENS,
 ):
     """Pyramid sparse attention of q ``[B, H, Lq, D]`` over k, v ``[B, H, Lkv, D]``.
 
@@ -107,6 +119,10 @@ def psa_attention(
     grid:     ``(T, H, W)`` of the video tokens (the first ``L - text_len``), needed for Gilbert order;
               without it a Gilbert config runs in raster order.
     backend:  "auto" (Triton on CUDA where it applies, else the reference), "reference" or "triton".
+    causal:   decoder self-attention (``Lq == Lkv``, no grid): no query sees a later key. The level
+              rule (quota or mass mode) keeps the diagonal blocks, the first ``sink_tokens`` tokens and
+              the ``recent_tokens`` before each query block at level 1 and skips the blocks above the
+              diagonal; a given ``mask`` must keep its diagonal blocks at level 1.
     Returns ``[B, H, Lq, D]`` in q's dtype, or ``(out, mask)`` with ``return_mask=True``.
     Differentiable in q, k and v (the mask is treated as a constant).
     """
@@ -114,18 +130,29 @@ def psa_attention(
     config = _check_config(config)
     lq, lkv, d = q.shape[2], k.shape[2], q.shape[3]
     _check_text_and_grid(lq, lkv, text_len, grid)
-    backend = resolve_backend(backend, q, k, v, names=("q", "k", "v"))
+    if causal:
+        _check_causal(lq, lkv, grid, config, sink_tokens, recent_tokens)
+    # detached: the Triton path has a backward (psa.attention_backward), so requiring grad does not rule it out
+    backend = resolve_backend(backend, q.detach(), k.detach(), v.detach(), names=("q", "k", "v"))
     scale = d**-0.5 if scale is None else float(scale)
     reorder = config.token_order == "gilbert" and grid is not None
     if reorder:
         grid = list(grid)
         q, k, v = (torch.ops.psa.permute_tokens(t, grid, text_len, False) for t in (q, k, v))
-    if mask is None:
+    if mask is None and causal:
+        counts, indices = torch.ops.psa.build_causal_mask(
+            q.detach(), k.detach(), *library.config_op_args(config), text_len, sink_tokens, recent_tokens, scale,
+            backend,
+        )  # fmt: skip
+        mask = PyramidBlockMask(counts, indices, block_q=config.block_q, block_kv=config.block_kv)
+    elif mask is None:
         mask = _mask_of(q, k, config, text_len, scale, backend)
     else:
         mask = _check_mask(mask, q, lkv)
+        if causal:
+            check_causal_mask(mask, lq)
     out = torch.ops.psa.attention(q, k, v, mask.kv_counts, mask.kv_indices, mask.block_q, mask.block_kv, scale,
-                                  backend)  # fmt: skip
+                                  backend, causal)  # fmt: skip
     if reorder:
         out = torch.ops.psa.permute_tokens(out, grid, text_len, True)
     return (out, mask) if return_mask else out

@@ -6,6 +6,10 @@
 * ``torch.ops.psa.build_mask(q, k, mode, budgets, min_full_share, sim_thresholds, block_q,
   block_kv, importance_stride, target_density, text_len, scale, backend)`` -> ``(kv_counts,
   kv_indices)`` int32: the level map of a :class:`~psa_diffusers.config.PSAConfig`, compacted.
+* ``torch.ops.psa.build_causal_mask(q, k, <build_mask's config fields>, text_len, sink_tokens,
+  recent_tokens, scale, backend)`` -> ``(kv_counts, kv_indices)``: levels that never look ahead
+  (``mask_builder.build_causal_block_mask``). ``psa.attention`` and ``psa.attention_backward`` take a
+  last argument ``causal`` (default False).
 * ``torch.ops.psa.permute_tokens(x, grid, text_len, inverse)``: video tokens of ``[B, H, L, D]``
   into Gilbert order (or back, ``inverse``), text tokens kept at the end; autograd registered.
 * ``torch.ops.psa.attention_or_dense(q, k, v, control, <build_mask's config fields>, text_len, scale,
@@ -27,8 +31,8 @@ import torch.nn.functional as F
 
 from .config import PSAConfig
 from .mask import PyramidBlockMask, ceil_div
-from .mask_builder import build_block_mask
-from .ops.attention import psa_attention_backward_reference, sparse_attention
+from .mask_builder import build_block_mask, build_causal_block_mask
+from .ops.attention import psa_attention_backward_reference, sparse_attention, sparse_attention_backward
 from .ordering import reorder_tokens, restore_tokens
 
 __all__ = [
@@ -39,6 +43,7 @@ __all__ = [
     "attention_op",
     "attention_or_dense_impl",
     "attention_or_dense_op",
+    "build_causal_mask_op",
     "build_mask_op",
     "config_from_op_args",
     "config_op_args",
@@ -58,13 +63,14 @@ def attention_op(
     block_kv: int,
     scale: float,
     backend: str,
+    causal: bool = False,
 ) -> torch.Tensor:
     mask = PyramidBlockMask(kv_counts, kv_indices, block_q=block_q, block_kv=block_kv)
-    return sparse_attention(q, k, v, mask, scale, backend=backend).contiguous()
+    return sparse_attention(q, k, v, mask, scale, backend=backend, causal=causal).contiguous()
 
 
 @attention_op.register_fake
-def _attention_fake(q, k, v, kv_counts, kv_indices, block_q, block_kv, scale, backend):
+def _attention_fake(q, k, v, kv_counts, kv_indices, block_q, block_kv, scale, backend, causal=False):
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
 
@@ -80,28 +86,34 @@ def attention_backward_op(
     block_kv: int,
     scale: float,
     backend: str,
+    causal: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of q, k, v for ``grad_out`` (the mask is a constant)."""
+    """Gradients of q, k, v for ``grad_out`` (the mask is a constant): the Triton backward where ``backend``
+    resolves to it; ``causal`` runs on the reference."""
     mask = PyramidBlockMask(kv_counts, kv_indices, block_q=block_q, block_kv=block_kv)
-    grads = psa_attention_backward_reference(grad_out, q, k, v, mask, scale)
+    if causal:
+        grads = psa_attention_backward_reference(grad_out, q, k, v, mask, scale, causal=True)
+        return tuple(g.contiguous() for g in grads)  # type: ignore[return-value]
+    grads = sparse_attention_backward(grad_out, q, k, v, mask, scale, backend=backend)
     return tuple(g.contiguous() for g in grads)  # type: ignore[return-value]
 
 
 @attention_backward_op.register_fake
-def _attention_backward_fake(grad_out, q, k, v, kv_counts, kv_indices, block_q, block_kv, scale, backend):
+def _attention_backward_fake(grad_out, q, k, v, kv_counts, kv_indices, block_q, block_kv, scale, backend,
+                             causal=False):  # fmt: skip
     return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
 
 
 def _attention_setup(ctx, inputs, output) -> None:
-    q, k, v, kv_counts, kv_indices, block_q, block_kv, scale, backend = inputs
+    q, k, v, kv_counts, kv_indices, block_q, block_kv, scale, backend, causal = inputs
     ctx.save_for_backward(q, k, v, kv_counts, kv_indices)
-    ctx.args = (block_q, block_kv, scale, backend)
+    ctx.args = (block_q, block_kv, scale, backend, causal)
 
 
 def _attention_backward(ctx, grad_out):
     q, k, v, kv_counts, kv_indices = ctx.saved_tensors
     dq, dk, dv = attention_backward_op(grad_out, q, k, v, kv_counts, kv_indices, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None
 
 
 attention_op.register_autograd(_attention_backward, setup_context=_attention_setup)
@@ -138,6 +150,42 @@ def _build_mask_fake(q, k, mode, budgets, min_full_share, sim_thresholds, block_
     nq, nk = ceil_div(q.shape[2], block_q), ceil_div(k.shape[2], block_kv)
     counts = torch.empty((b, h, nq, 4), dtype=torch.int32, device=q.device)
     return counts, torch.empty((b, h, nq, nk), dtype=torch.int32, device=q.device)
+
+
+@torch.library.custom_op("psa::build_causal_mask", mutates_args=())
+def build_causal_mask_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    mode: str,
+    budgets: list[float],
+    min_full_share: float,
+    sim_thresholds: list[float],
+    block_q: int,
+    block_kv: int,
+    importance_stride: int,
+    target_density: float | None,
+    text_len: int,
+    sink_tokens: int,
+    recent_tokens: int,
+    scale: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    config = config_from_op_args(
+        mode, budgets, min_full_share, sim_thresholds, block_q, block_kv, importance_stride, target_density
+    )
+    mask = build_causal_block_mask(
+        q, k, config, sink_tokens=sink_tokens, recent_tokens=recent_tokens, text_len=text_len, scale=scale,
+        backend=backend,
+    )  # fmt: skip
+    return mask.kv_counts.to(torch.int32).contiguous(), mask.kv_indices.to(torch.int32).contiguous()
+
+
+@build_causal_mask_op.register_fake
+def _build_causal_mask_fake(q, k, mode, budgets, min_full_share, sim_thresholds, block_q, block_kv,
+                            importance_stride, target_density, text_len, sink_tokens, recent_tokens, scale,
+                            backend):  # fmt: skip
+    return _build_mask_fake(q, k, mode, budgets, min_full_share, sim_thresholds, block_q, block_kv,
+                            importance_stride, target_density, text_len, scale, backend)  # fmt: skip
 
 
 def config_from_op_args(
@@ -223,6 +271,17 @@ def _split_heads(q, k, v, mask: PyramidBlockMask, dense: list[int], scale: float
     return out
 
 
+def token_major(out: torch.Tensor) -> torch.Tensor:
+    """``out`` ``[B, H, L, D]`` laid out as a contiguous ``[B, L, H, D]`` (a copy only where it is not): the
+    layout ``psa.attention_or_dense`` returns, which the processors flatten to ``[B, L, H*D]`` for free (and
+    which SDPA returns for token-major inputs, so a dense call costs what the stock processor's does)."""
+    b, h, length, d = out.shape
+    if out.stride() == (length * h * d, d, h * d, 1):  # exactly the fake's strides (size-1 dims too)
+        return out
+    major = torch.empty((b, length, h, d), dtype=out.dtype, device=out.device).transpose(1, 2)
+    return major.copy_(out)
+
+
 def attention_or_dense_impl(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -240,8 +299,9 @@ def attention_or_dense_impl(
     scale: float,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(out [B, H, Lq, D], densities [H])``: the attention ``control`` asks for, and the FLOP density of
-    each head's mask (float64 on q's device, the mean over the batch; 1.0 when no mask is built).
+    """``(out [B, H, Lq, D], densities [H])``: the attention ``control`` asks for (in token-major memory,
+    :func:`token_major`), and the FLOP density of each head's mask (float64 on q's device, the mean over
+    the batch; 1.0 when no mask is built).
 
     ``control`` is a CPU tensor that the caller sets on the host between calls: ``control[0]`` the
     action (``SPARSE``, ``DENSE``, ``DENSE_MEASURED``), ``control[1 + h]`` (optional) nonzero for a head
@@ -253,7 +313,7 @@ def attention_or_dense_impl(
     action, heads = flags[0], q.shape[1]
     if action == DENSE:
         out = F.scaled_dot_product_attention(q, k, v, scale=scale)
-        return out.contiguous(), torch.ones(heads, dtype=torch.float64, device=q.device)
+        return token_major(out), torch.ones(heads, dtype=torch.float64, device=q.device)
     config = config_from_op_args(
         mode, budgets, min_full_share, sim_thresholds, block_q, block_kv, importance_stride, target_density
     )
@@ -266,7 +326,7 @@ def attention_or_dense_impl(
         out = _split_heads(q, k, v, mask, dense, scale, backend)
     else:
         out = sparse_attention(q, k, v, mask, scale, backend=backend)
-    return out.contiguous(), densities
+    return token_major(out), densities
 
 
 attention_or_dense_op = torch.library.custom_op("psa::attention_or_dense", mutates_args=())(attention_or_dense_impl)
@@ -276,4 +336,5 @@ attention_or_dense_op = torch.library.custom_op("psa::attention_or_dense", mutat
 def _attention_or_dense_fake(q, k, v, control, mode, budgets, min_full_share, sim_thresholds, block_q, block_kv,
                              importance_stride, target_density, text_len, scale, backend):  # fmt: skip
     densities = torch.empty(q.shape[1], dtype=torch.float64, device=q.device)
-    return torch.empty(q.shape, dtype=q.dtype, device=q.device), densities
+    b, h, length, d = q.shape
+    return torch.empty((b, length, h, d), dtype=q.dtype, device=q.device).transpose(1, 2), densities

@@ -11,6 +11,8 @@ Modes "quota" and "mass" (the published rules):
     importance (ops.importance) -> levels (ops.levels: quota or mass rule)
         -> similarity cap (ops.caps) -> forced text levels -> the compact mask
 
+``build_causal_block_mask`` is the causal recipe (importance -> ``ops.levels.causal`` -> caps).
+
 Mode "budget" hands over to :func:`psa_diffusers.budget.build_budget_mask` (statistics ->
 allocation at a target density). Every step runs on the inputs' device with sort/cumsum over
 ``[B, H, Nq, Nk]`` and no host synchronisation, so the result is the same for the same inputs.
@@ -26,7 +28,7 @@ from .config import PSAConfig
 from .mask import PyramidBlockMask, ceil_div
 from .ops.caps import SINK_COUNT, SINK_SEGMENT, key_block_statistics, similarity_caps, sink_keys
 from .ops.importance import estimate_block_importance, estimate_block_statistics
-from .ops.levels import choose_levels
+from .ops.levels import causal_levels, check_causal_rule, choose_levels
 from .ops.triton_support import resolve_backend
 
 if TYPE_CHECKING:
@@ -94,6 +96,43 @@ def build_block_mask(
     return choose_levels(
         importance, config, num_kv_blocks=video_kv_blocks, num_q_blocks=video_q_blocks, caps=caps, backend=backend
     )
+
+
+def build_causal_block_mask(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    config: PSAConfig,
+    *,
+    sink_tokens: int,
+    recent_tokens: int,
+    text_len: int = 0,
+    scale: float | None = None,
+    importance: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> PyramidBlockMask:
+    """Levels that never look ahead for causal self-attention of q, k ``[B, H, L, D]`` (quota or mass mode).
+
+    importance (``ops.importance``, or ``importance`` ``[B, H, Nq, Nk]``) -> the causal rule
+    (``ops.levels.causal``: diagonal blocks level 1, later blocks skipped, the first ``sink_tokens``
+    and the ``recent_tokens`` before each query block level 1, query rows of the last ``text_len``
+    tokens dense over the past) -> similarity cap on the competing blocks -> the compact mask.
+    """
+    check_causal_rule(config, sink_tokens, recent_tokens)
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"causal masks need Lq == Lkv, got Lq={q.shape[2]}, Lkv={k.shape[2]}")
+    backend = resolve_backend(backend, q, k, names=("q", "k"))
+    if importance is None:
+        importance = estimate_block_importance(
+            q, k, block_q=config.block_q, block_kv=config.block_kv, stride=config.importance_stride, scale=scale,
+            backend=backend,
+        )  # fmt: skip
+    caps = None
+    if config.sim_thresholds is not None:
+        caps = similarity_caps(k, block_kv=config.block_kv, thresholds=config.sim_thresholds, backend=backend)
+    return causal_levels(
+        importance, config, length=q.shape[2], sink_tokens=sink_tokens, recent_tokens=recent_tokens,
+        text_len=text_len, caps=caps,
+    )  # fmt: skip
 
 
 def density_statistics(

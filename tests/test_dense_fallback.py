@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from psa_diffusers import PSAConfig, PyramidBlockMask, psa_attention
 from psa_diffusers.attention import attention_or_dense
 from psa_diffusers.diffusers import enable_psa
-from psa_diffusers.diffusers.state import DENSE_FALLBACK, DENSE_FALLBACK_DENSITY
+from psa_diffusers.diffusers.state import DENSE_FALLBACK, DENSE_FALLBACK_DENSITY, REMEASURE_EVERY
 from psa_diffusers.library import DENSE, DENSE_MEASURED, SPARSE, config_op_args
 from tests.helpers import random_level_map
 from tests.tiny_models import KV_BLOCKS, build, one_thread, rel_err  # noqa: F401  (one_thread is a fixture)
@@ -87,6 +87,27 @@ def test_op_passes_opcheck(action):
     torch.library.opcheck(torch.ops.psa.attention_or_dense.default, args)
 
 
+@pytest.mark.parametrize("action", [SPARSE, DENSE, DENSE_MEASURED], ids=["sparse", "dense", "dense-measured"])
+@pytest.mark.parametrize("token_major_inputs", [True, False], ids=["BLHD-inputs", "BHLD-inputs"])
+@pytest.mark.parametrize("heads", [3, 1])
+def test_output_is_token_major_like_its_fake(action, token_major_inputs, heads):
+    """The output is ``[B, H, L, D]`` in ``[B, L, H, D]`` memory, whatever the inputs' layout, with exactly
+    the fake's strides (size-1 dims too: a compiled graph checks them); the processors then flatten it
+    without a copy."""
+    q, k, v = (t[:, :heads] for t in _qkv(length=200))
+    if token_major_inputs:
+        q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+    args = (q, k, v, _control(action), *config_op_args(CONFIG), 10, 0.25, "reference")
+    out, _ = torch.ops.psa.attention_or_dense(*args)
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        fake_out, _ = torch.ops.psa.attention_or_dense(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a
+                                                          for a in args))  # fmt: skip
+    assert out.transpose(1, 2).is_contiguous()
+    assert out.stride() == fake_out.stride() == (200 * heads * 16, 16, heads * 16, 1)
+    if action != SPARSE:  # the dense actions are SDPA itself (float32 on the CPU: same kernel, same values)
+        assert torch.allclose(out, F.scaled_dot_product_attention(q, k, v, scale=0.25), rtol=1e-6, atol=1e-6)
+
+
 def test_one_control_tensor_switches_between_calls():
     """The caller flips the control on the host; the same call then computes the other way."""
     q, k, v = _qkv()
@@ -126,7 +147,10 @@ def _per_step(stats) -> list[tuple[str | None, float, float | None]]:
     """Per step: the (reason, density, mask density) every layer agrees on."""
     out = []
     for step in sorted(stats):
-        values = {(s.reason, round(s.density, 6), round(s.mask_density, 6)) for s in stats[step].values()}
+        values = {
+            (s.reason, round(s.density, 6), None if s.mask_density is None else round(s.mask_density, 6))
+            for s in stats[step].values()
+        }
         assert len(values) == 1, values
         out.append(values.pop())
     return out
@@ -135,15 +159,25 @@ def _per_step(stats) -> list[tuple[str | None, float, float | None]]:
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("guidance", [1.0, 6.0], ids=["one-call-per-step", "cond-uncond"])
 def test_a_too_dense_mask_runs_dense_from_two_forwards_later(guidance):
+    """From the third forward on the layers run dense; their masks are built again (measured) only at the
+    first fallback forward and every REMEASURE_EVERY-th after it, so the fallback costs dense attention."""
     pipe, call = build("wan")
+    num_steps = 12
     with enable_psa(pipe, config=DIFFUSE) as handle:
-        call(num_inference_steps=4, guidance_scale=guidance)
+        call(num_inference_steps=num_steps, guidance_scale=guidance)
     steps = _per_step(handle.stats())
     mask = steps[0][2]
     assert DENSE_FALLBACK_DENSITY < mask < 0.75 + 1 / KV_BLOCKS
-    sparse_steps = 2 if guidance == 1.0 else 1  # the first two forwards have nothing to go by
+    calls = 1 if guidance == 1.0 else 2
+    sparse_steps = 2 // calls  # the first two forwards have nothing to go by
     assert steps[:sparse_steps] == [(None, mask, mask)] * sparse_steps
-    assert steps[sparse_steps:] == [(DENSE_FALLBACK, 1.0, mask)] * (4 - sparse_steps)
+    measured_forwards = {2 + REMEASURE_EVERY * i for i in range(num_steps * calls)}
+    expected = [
+        (DENSE_FALLBACK, 1.0, mask if measured_forwards & {step * calls + c for c in range(calls)} else None)
+        for step in range(sparse_steps, num_steps)
+    ]
+    assert steps[sparse_steps:] == expected
+    assert any(m is None for _, _, m in expected) and sum(m is not None for _, _, m in expected) >= 2
     assert handle.state.fallback_waits == 0
 
 
@@ -211,3 +245,38 @@ def test_only_the_heads_whose_masks_are_too_dense_run_dense():
             else:
                 assert (s.reason, s.dense, s.dense_heads) == (DENSE_FALLBACK, False, 1)
                 assert s.density == pytest.approx((1.0 + min(heads)) / 2)  # one head dense, one at its mask
+
+
+class _Layer:
+    """What the state reads and writes of a processor: its host ``control`` and the last call's result."""
+
+    def __init__(self, heads: int) -> None:
+        self.control = torch.zeros(1 + heads, dtype=torch.int32)
+        self.last_density = self.last_reason = None
+
+
+def test_a_thinned_mask_returns_to_sparse_two_forwards_after_its_remeasurement():
+    """Every layer in whole-layer fallback, masks re-measured every REMEASURE_EVERY forwards: a mask that
+    thinned is acted on two forwards after the forward that measured it, not later (the forwards that
+    measure nothing still count)."""
+    from psa_diffusers.diffusers.state import SCHEDULED, Position, PSAState
+
+    state = PSAState(CONFIG)
+    layers = [("a", _Layer(2)), ("b", _Layer(2))]
+    state.register("t", layers)
+    thin_from = 2 + REMEASURE_EVERY  # the second measurement sees a sparse mask
+    actions = []
+    for forward in range(thin_from + 4):
+        state.begin_forward("t", Position(step=forward, num_steps=100), None, reorder=False)
+        actions.append(int(layers[0][1].control[0]))
+        for _, layer in layers:
+            built = actions[-1] != DENSE
+            value = 0.2 if forward >= thin_from else 0.9
+            layer.last_density = torch.full((2,), value, dtype=torch.float64) if built else None
+            layer.last_reason = SCHEDULED
+        state.end_forward("t")
+    assert actions[:2] == [SPARSE, SPARSE]  # nothing to go by
+    assert actions[2] == DENSE_MEASURED and actions[thin_from] == DENSE_MEASURED
+    assert actions[3:thin_from] == [DENSE] * (thin_from - 3)  # no mask built in between
+    assert actions[thin_from + 1] == DENSE  # two forwards later: the thin mask is read ...
+    assert actions[thin_from + 2 :] == [SPARSE, SPARSE]  # ... and acted on

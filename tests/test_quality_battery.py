@@ -8,7 +8,9 @@ and with 40 text tokens; one head of each type, seed 0, raster and Gilbert order
   ``psa_attention_reference`` and ``exact_block_mass`` (independent code paths);
 * the level rules against binary block-sparse attention with oracle blocks at equal density:
   the published quota rule loses badly on sink heads and on mixtures, the "density" rule does
-  not, and no head type regresses beyond the worst ratio measured for this exact configuration.
+  not, and no head type regresses beyond the worst ratio measured for this exact configuration;
+* the far-field token prototype (``benchmarks/far_field.py``): its reference reduces to PSA and to dense
+  attention, is exact for identical skipped keys, and its evaluator and epilogue agree with it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import math
 import pytest
 import torch
 
+from benchmarks.far_field import FarFieldEvaluator, far_field_attention_reference, far_field_epilogue
 from benchmarks.head_types import HEAD_TYPES, PURE_TYPES, battery_qkv, head_qkv
 from benchmarks.quality import (
     RowEvaluator,
@@ -199,3 +202,79 @@ def test_density_rule_holds_sinks_and_mixtures_and_never_regresses(battery_point
     # where pooling can help (local, diffuse) the rule meets the issue's 0.8x at every point
     for kind in ("local", "diffuse"):
         assert _worst(battery_points, "density", kind) <= 0.8
+
+
+# --------------------------------------------------------------------------- the far-field token (prototype)
+def _far_inputs(text=9):
+    q, k, v, _ = battery_qkv((2, 8, 12), 64, seed=5, kinds=("local", "sinks"), text_len=text)
+    nq, nk = math.ceil(q.shape[2] / 64), math.ceil(q.shape[2] / 32)
+    lm = random_level_map(1, 2, nq, nk, generator=torch.Generator().manual_seed(6))
+    return q, k, v, lm
+
+
+def test_far_field_reference_reduces_to_psa_and_to_dense():
+    q, k, v, lm = _far_inputs()
+    mask = PyramidBlockMask.from_level_map(lm, block_q=64, block_kv=32)
+    got = far_field_attention_reference(q, k, v, lm, block_q=64, block_kv=32, bias="none")
+    # the same float32 math in another order: float32 rounding only
+    torch.testing.assert_close(got, psa_attention_reference(q, k, v, mask).float(), rtol=1e-5, atol=1e-5)
+    dense = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double()).float()
+    for bias in ("mean", "share", "exact"):  # nothing skipped: no far token, dense attention
+        full = far_field_attention_reference(q, k, v, torch.ones_like(lm), block_q=64, block_kv=32, bias=bias,
+                                             share=torch.full(lm.shape[:3], 0.3))  # fmt: skip
+        torch.testing.assert_close(full, dense, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="'bogus'"):
+        far_field_attention_reference(q, k, v, lm, block_q=64, block_kv=32, bias="bogus")
+
+
+def test_far_field_token_is_exact_for_identical_skipped_keys_and_blends_by_share():
+    q, k, v, lm = _far_inputs(text=0)
+    lm = lm.clone()
+    lm[..., :4] = lm[..., :4].clamp(min=1)  # every row keeps KV blocks 0-3 at some level ...
+    lm[..., 4:] = 0  # ... and skips the rest (tokens 128 on)
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, 128:] = k[:, :, 128:].mean(2, keepdim=True)  # identical skipped keys and values
+    v2[:, :, 128:] = v[:, :, 128:].mean(2, keepdim=True)
+    dense = torch.nn.functional.scaled_dot_product_attention(q.double(), k2.double(), v2.double()).float()
+    binary = lm.clamp(max=1)
+    got = far_field_attention_reference(q, k2, v2, binary, block_q=64, block_kv=32, bias="mean")
+    torch.testing.assert_close(got, dense, rtol=1e-4, atol=1e-5)  # ln(c) counts c identical keys exactly
+    got = far_field_attention_reference(q, k2, v2, binary, block_q=64, block_kv=32, bias="exact")
+    torch.testing.assert_close(got, dense, rtol=1e-4, atol=1e-5)
+    # "share": the kept output and the skipped tokens' mean value, blended by the row's share
+    share = torch.rand(lm.shape[:3], generator=torch.Generator().manual_seed(1)) * 0.8
+    got = far_field_attention_reference(q, k, v, lm, block_q=64, block_kv=32, bias="share", share=share)
+    kept = psa_attention_reference(q, k, v, PyramidBlockMask.from_level_map(lm, block_q=64, block_kv=32)).float()
+    w = share.repeat_interleave(64, -1)[..., : q.shape[2], None]
+    want = (1 - w) * kept + w * v[:, :, 128:].float().mean(2, keepdim=True)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_far_field_evaluator_matches_reference():
+    q, k, v, lm = _far_inputs()
+    rows = torch.tensor([0, 2])
+    ev = FarFieldEvaluator(q, k, v, rows=rows, block_q=64)
+    nkv = (q.shape[2] - 9) // 32
+    share = torch.rand(lm.shape[:3], generator=torch.Generator().manual_seed(2)) * 0.5
+    tok = (rows[:, None] * 64 + torch.arange(64)).flatten()
+    dense = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double())[:, :, tok]
+    for bias in ("mean", "share", "exact"):
+        out = far_field_attention_reference(q, k, v, lm, block_q=64, block_kv=32, num_kv_blocks=nkv, bias=bias,
+                                            share=share)[:, :, tok].double()  # fmt: skip
+        num, _ = ev.far_errors(lm[:, :, rows], 32, nkv, bias, share=share[:, :, rows])
+        # float32 evaluation against float64 dense, as in the RowEvaluator test
+        torch.testing.assert_close(num, (out - dense).square().sum((-1, -2)), rtol=1e-3, atol=1e-8)
+
+
+def test_far_field_epilogue_matches_the_share_token():
+    q, k, v, lm = _far_inputs()
+    lm = lm.clone()
+    lm[:, :, 1] = 1  # a row that skips nothing: no far token there, the output unchanged
+    nkv = (q.shape[2] - 9) // 32
+    share = torch.rand(lm.shape[:3], generator=torch.Generator().manual_seed(3)) * 0.6
+    want = far_field_attention_reference(q, k, v, lm, block_q=64, block_kv=32, num_kv_blocks=nkv, bias="share",
+                                         share=share)  # fmt: skip
+    out = psa_attention_reference(q, k, v, PyramidBlockMask.from_level_map(lm, block_q=64, block_kv=32)).float()
+    got = far_field_epilogue(out, v, lm, share, block_q=64, block_kv=32, num_kv_blocks=nkv)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)  # float32, sums in another order
+    torch.testing.assert_close(got[:, :, 64:128], out[:, :, 64:128], rtol=0, atol=0)

@@ -167,8 +167,12 @@ class PSAStepHook(ModelHook):
         grid = None
         if isinstance(hidden_states, torch.Tensor):
             grid = token_grid(self.family, module.config, tuple(hidden_states.shape))
-        reorder = self.reorder and getattr(module, "_parallel_config", None) is None
-        info = self.state.begin_forward(self.name, forward_position(self._context(), timestep), grid, reorder=reorder)
+        # under context parallelism the blocks hold a share of the sequence: Gilbert order inside attention
+        parallel = getattr(module, "_parallel_config", None) is not None
+        position = forward_position(self._context(), timestep)
+        info = self.state.begin_forward(
+            self.name, position, grid, reorder=self.reorder and not parallel, in_attention=self.reorder and parallel
+        )
         if info.token_order == "gilbert":
             args, kwargs = self._reorder_inputs(grid, timestep, args, kwargs)
         return args, kwargs

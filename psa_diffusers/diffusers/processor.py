@@ -12,8 +12,9 @@ Runs the stock dense computation instead, with one log line per cause:
 * cross-attention (Wan ``attn2``) and Wan's image-context attention -- PSA is for the long
   video-video attention; these are short and stay exact;
 * a call with an ``attention_mask`` (neither pipeline passes one; PSA has no mask input);
-* Wan under context parallelism (``_parallel_config`` set): the sequence is split across devices
-  and only ``dispatch_attention_fn`` gathers it;
+* Wan under ring context parallelism (``ring_degree > 1``, or ``ulysses_anything``): a PSA mask needs
+  each head's whole key sequence at once (``context_parallel.py``). Under Ulysses context parallelism
+  PSA runs: diffusers' all-to-all gives each rank the full sequence of its heads, and PSA runs there;
 * shapes PSA cannot serve (no video tokens, an unsupported dtype).
 
 Installed by ``enable_psa``, the core is the op ``psa.attention_or_dense`` with the processor's CPU
@@ -47,6 +48,7 @@ from diffusers.models.transformers.transformer_wan import WanAttention
 
 from ..attention import BACKENDS, attention_or_dense, psa_attention
 from ..config import PSAConfig
+from .context_parallel import dense_reason, gather_heads, local_heads, ulysses_attention
 from .logs import get_logger
 from .state import (
     ATTENTION_MASK,
@@ -218,20 +220,59 @@ class PSAProcessor:
             return "no video tokens"
         return None
 
-    def _attend(self, kind: str, q, k, v, config: PSAConfig, *, text_len: int, reordered: bool) -> torch.Tensor:
+    def _attend(
+        self, kind: str, q, k, v, config: PSAConfig, *, text_len: int, reordered: bool, heads: slice | None = None,
+        grid: tuple[int, int, int] | None = None, record: bool = True,
+    ) -> torch.Tensor:  # fmt: skip
         """PSA over q, k, v ``[B, H, L, D]`` (text last, video already in curve order when ``reordered``),
-        scheduled or sparse; leaves the density for the step hook."""
+        scheduled or sparse; leaves the density for the step hook (unless ``record`` is False: a
+        backward's recomputation, which must not count twice).
+
+        Under Ulysses context parallelism (``_attend_ulysses``): ``heads``, the slice of the layer's heads
+        that q, k, v hold (their flags of ``control``; their densities are gathered from every rank), and
+        ``grid``, the grid along whose Gilbert curve the tokens are ordered here, around attention.
+        """
+        if grid is not None:
+            q, k, v = (torch.ops.psa.permute_tokens(t, list(grid), text_len, False) for t in (q, k, v))
         if kind == "scheduled":
-            out, density = attention_or_dense(q, k, v, config, self.control, text_len=text_len, backend=self.backend)
-            self.last_density, self.last_reason = density, SCHEDULED
-            return out
-        if config.token_order == "gilbert" and not reordered:
-            self._note("no token grid", "no token grid (installed without enable_psa): Gilbert order runs as raster")
-        out, mask = psa_attention(q, k, v, config, text_len=text_len, backend=self.backend, return_mask=True)
-        if self._state is not None:
-            length = q.shape[2]
-            self.last_density, self.last_reason = mask.head_densities(length, length), None
+            control = self.control
+            if heads is not None:
+                control = torch.cat((control[:1], control[1 + heads.start : 1 + heads.stop]))
+            out, density = attention_or_dense(q, k, v, config, control, text_len=text_len, backend=self.backend)
+            if record:
+                self.last_density, self.last_reason = self._all_heads(density, heads), SCHEDULED
+        else:
+            if config.token_order == "gilbert" and not reordered and grid is None:
+                message = "no token grid (installed without enable_psa): Gilbert order runs as raster"
+                self._note("no token grid", message)
+            out, mask = psa_attention(q, k, v, config, text_len=text_len, backend=self.backend, return_mask=True)
+            if self._state is not None and record:
+                length = q.shape[2]
+                self.last_density, self.last_reason = self._all_heads(mask.head_densities(length, length), heads), None
+        if grid is not None:
+            out = torch.ops.psa.permute_tokens(out, list(grid), text_len, True)
         return out
+
+    def _all_heads(self, density: torch.Tensor, heads: slice | None) -> torch.Tensor:
+        """Per-head densities of every head of the layer: under Ulysses, gathered from the ranks."""
+        return density if heads is None else gather_heads(density, self._parallel_config)
+
+    def _attend_ulysses(self, kind: str, query, key, value, config: PSAConfig) -> torch.Tensor:
+        """PSA under Ulysses context parallelism, of this rank's tokens ``[B, L / N, H, D]``: diffusers'
+        all-to-all gives each rank every token of ``H / N`` heads, PSA runs on them as on one device (in
+        Gilbert order when the budget asks for it and the grid is known), and the all-to-all returns the
+        output. Each head gets the mask it gets on one device; the per-head dense flags and densities keep
+        the layer's head numbering, so statistics and the dense fallback are those of one device."""
+        heads = local_heads(self._parallel_config, query.shape[2])
+        current = self._state.current if self._state is not None else None
+        grid = current.grid if current is not None and config.token_order == "gilbert" else None
+
+        def attend(q, k, v, record=True):
+            return self._attend(
+                kind, q, k, v, config, text_len=0, reordered=False, heads=heads, grid=grid, record=record
+            )  # fmt: skip
+
+        return ulysses_attention(query, key, value, self._parallel_config, attend)
 
     # ------------------------------------------------------------------ CogVideoX
     def _cogvideox(
@@ -353,13 +394,15 @@ class PSAProcessor:
         static = None if is_self else CROSS_ATTENTION
         if static is None and attention_mask is not None:
             static = ATTENTION_MASK
-        elif static is None and self._parallel_config is not None:
-            static = CONTEXT_PARALLEL
-        elif static is None:
+        if static is None and self._parallel_config is not None:
+            static = dense_reason(self._parallel_config)  # ring attention; Ulysses runs PSA
+        if static is None:
             static = self._unsupported(query, query.shape[1])
         kind, config, reason, reordered = self._route(static, backend=self._attention_backend)
 
-        if kind != "dense":
+        if kind != "dense" and self._parallel_config is not None:
+            out = self._attend_ulysses(kind, query, key, value, config)
+        elif kind != "dense":
             q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # [B, H, L, D] views
             out = self._attend(kind, q, k, v, config, text_len=0, reordered=reordered).transpose(1, 2)
         else:

@@ -48,6 +48,9 @@ kernel, and ran dense attention (docs/design.md, section 5)."""
 SCHEDULED = "scheduled"
 """``PSAProcessor.last_reason`` when the call ran the op ``psa.attention_or_dense``: what it did is the
 action the state wrote into the processor's ``control``."""
+REMEASURE_EVERY = 8
+"""A layer whose every head is in the dense fallback builds its mask (to measure it again) at every
+REMEASURE_EVERY-th forward only; in the others it runs dense attention and builds nothing."""
 DENSE_FALLBACK_DENSITY = 0.6
 """Default threshold of the dense fallback: a head whose mask had a FLOP density above this, two
 forwards earlier, runs dense attention. About where a PSA call stops beating cuDNN's dense attention:
@@ -160,11 +163,13 @@ class _Pending:
     dense fallback's decisions two forwards later."""
 
     layers: tuple[str, ...]
-    host: torch.Tensor
+    host: torch.Tensor | None  # None: a forward that measured nothing
     event: Any  # torch.cuda.Event recorded after the copy, None for a CPU tensor
 
     def values(self) -> tuple[list[list[float]], bool]:
         """The densities, per layer and head, and whether reading them had to wait for the device."""
+        if self.host is None:
+            return [], False
         waited = False
         if self.event is not None:
             waited = not self.event.query()
@@ -215,6 +220,8 @@ class PSAState:
         self._layers: dict[str, list[tuple[str, Any, Any, int]]] = {}
         self._actions: dict[str, tuple[int, tuple[bool, ...] | None]] = {}
         self._fallback: dict[str, tuple[bool, ...]] = {}
+        self._fallback_age: dict[str, int] = {}  # forwards since a layer's whole-layer fallback began
+        self._unmeasured: set[str] = set()  # layers of this forward in fallback that build no mask
         self._history: dict[str, deque] = {}
         self.plan: ForwardPlan | None = None
         """The plan of the forward in progress (None outside a forward): what the processors read."""
@@ -266,18 +273,27 @@ class PSAState:
         return self._current
 
     def begin_forward(
-        self, transformer: str, position: Position, grid: tuple[int, int, int] | None, *, reorder: bool
+        self,
+        transformer: str,
+        position: Position,
+        grid: tuple[int, int, int] | None,
+        *,
+        reorder: bool,
+        in_attention: bool = False,
     ) -> ForwardInfo:
         """Open a forward of ``transformer`` at ``position``: find its run and step, fix its plan.
 
         reorder: whether the step hook can put this forward's video tokens in Gilbert order; it does, for
         every forward of the run, when the sparse-step budget asks for that order and ``grid`` is known.
+        in_attention: the processors put the tokens in Gilbert order inside attention instead, along
+        ``ForwardInfo.grid`` (Ulysses context parallelism, where the blocks hold a share of the sequence).
         """
         run = self._run
         if run is None or not run.continues(transformer, position):
             self._finish(run)
             self._history.clear()
             self._fallback.clear()
+            self._fallback_age.clear()
             run = self._run = _Run(
                 num_steps=position.num_steps if position.step is not None else self.default_num_steps,
                 schedule=weakref.ref(position.schedule) if position.schedule is not None else None,
@@ -307,7 +323,7 @@ class PSAState:
         if self.steady_config.token_order == "gilbert":
             if reorder and grid is not None:
                 order_grid = grid
-            elif config is not None:
+            elif config is not None and not (in_attention and grid is not None):
                 self.note("no token grid", "the token grid is unknown: Gilbert order runs as raster order", transformer)
         self.plan = self._plan(config, reason, order_grid)
         self._decide(transformer, dense_step=config is None)
@@ -331,14 +347,21 @@ class PSAState:
                     self._fallback[name] = flags
                 else:
                     self._fallback.pop(name, None)
+        self._unmeasured.clear()
         for name, processor, control, _ in self._layers.get(transformer, ()):
             processor.last_density = processor.last_reason = None  # nothing left over from a failed forward
             flags = None if dense_step else self._fallback.get(name)
             if dense_step:
                 action = DENSE
             elif flags is not None and (all(flags) or control is None or len(flags) != len(control) - 1):
-                action, flags = DENSE_MEASURED, None
+                # the whole layer falls back: its mask is built (to see whether it got sparser) only at
+                # every REMEASURE_EVERY-th forward; in between it costs exactly dense attention
+                age = self._fallback_age[name] = self._fallback_age.get(name, -1) + 1
+                action, flags = (DENSE_MEASURED if age % REMEASURE_EVERY == 0 else DENSE), None
+                if action == DENSE:
+                    self._unmeasured.add(name)
             else:
+                self._fallback_age.pop(name, None)
                 action = SPARSE
             self._actions[name] = (action, flags)
             if control is not None:
@@ -358,8 +381,8 @@ class PSAState:
             flags = None
             if reason == SCHEDULED:
                 action, flags = self._actions.get(name, (SPARSE, None))
-                fallback = action == DENSE_MEASURED or flags is not None
-                reason = DENSE_STEP if action == DENSE else DENSE_FALLBACK if fallback else None
+                fallback = action == DENSE_MEASURED or flags is not None or name in self._unmeasured
+                reason = DENSE_FALLBACK if fallback else DENSE_STEP if action == DENSE else None
                 density = None if action == DENSE else density
             names.append(name)
             reasons.append(reason)
@@ -375,9 +398,11 @@ class PSAState:
         stacked = torch.stack(densities) if densities else None  # [layers, H]: every layer has H heads
         record = _Record(info.step, *map(tuple, (names, reasons, flag_list, heads_list, measured)), stacked)
         run.records.append(record)
-        if self.dense_fallback is not None and stacked is not None:
+        if self.dense_fallback is not None:
+            # one entry per forward, an empty one where nothing was measured: history[0] is always the
+            # forward two earlier (a re-measurement is read two forwards after it, never later)
             layers = tuple(n for n, m in zip(names, measured) if m)
-            pending = _pending(layers, stacked)
+            pending = _pending(layers, stacked) if stacked is not None else _Pending((), None, None)
             if pending is not None:
                 self._history.setdefault(transformer, deque(maxlen=2)).append(pending)
 

@@ -124,18 +124,11 @@ def tiny_cogvideox_pipeline(*, rotary: bool = True, seed: int = 0):
 # ------------------------------------------------------------------ Wan
 
 
-def tiny_wan_transformer(*, image_dim: int | None = None, in_channels: int = 16, num_layers: int = 2, seed: int = 0):
-    """A random ``WanTransformer3DModel`` (patch 1x2x2); ``image_dim`` makes it a Wan2.1 I2V model.
-
-    With ``image_dim`` set, the cross-attention layers get an image-context branch
-    (``added_kv_proj_dim``) and the model expects ``encoder_hidden_states_image``.
-    """
-    from diffusers import WanTransformer3DModel
-
-    torch.manual_seed(seed)
-    model = WanTransformer3DModel(
+def tiny_wan_config(*, in_channels: int = 16, num_layers: int = 2, num_heads: int = 2) -> dict:
+    """The ``WanTransformer3DModel`` arguments of the tiny Wan: patch 1x2x2, ``num_heads`` heads of 12 dims."""
+    return dict(
         patch_size=(1, 2, 2),
-        num_attention_heads=2,
+        num_attention_heads=num_heads,
         attention_head_dim=12,
         in_channels=in_channels,
         out_channels=16,
@@ -146,6 +139,22 @@ def tiny_wan_transformer(*, image_dim: int | None = None, in_channels: int = 16,
         cross_attn_norm=True,
         qk_norm="rms_norm_across_heads",
         rope_max_seq_len=32,
+    )
+
+
+def tiny_wan_transformer(
+    *, image_dim: int | None = None, in_channels: int = 16, num_layers: int = 2, num_heads: int = 2, seed: int = 0
+):
+    """A random ``WanTransformer3DModel`` of :func:`tiny_wan_config`; ``image_dim`` makes it a Wan2.1 I2V model.
+
+    With ``image_dim`` set, the cross-attention layers get an image-context branch
+    (``added_kv_proj_dim``) and the model expects ``encoder_hidden_states_image``.
+    """
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    model = WanTransformer3DModel(
+        **tiny_wan_config(in_channels=in_channels, num_layers=num_layers, num_heads=num_heads),
         image_dim=image_dim,
         added_kv_proj_dim=None if image_dim is None else 24,
     )

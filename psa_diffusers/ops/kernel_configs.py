@@ -43,13 +43,36 @@ _STATS_STAGES = {
 }
 """Options of the budget statistics' later kernels (ranking, selection, exact logits, assembly)."""
 
+_PLAIN = {"DESC": False, "WARP_SPEC": False}
+"""Attention entries with pointer loads and no warp specialisation."""
+
 KERNEL_CONFIGS: dict[str, dict[tuple[str, int, str], dict[str, Any]]] = {
     # sparse pyramid attention forward (ops/attention/kernel.py); BLOCK_M is capped at block_q
+    # DESC: level-1 tiles through tensor descriptors (TMA; used only where descriptors_apply);
+    # WARP_SPEC: that loop warp-specialised
     "attention": {
-        (INTERPRETER, 256, ANY): {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1},
-        (ANY, 64, ANY): {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
-        (ANY, 128, ANY): {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
-        (ANY, 256, ANY): {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
+        (INTERPRETER, 256, ANY): {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1, **_PLAIN},
+        ("sm90", 64, ANY): {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3, **_PLAIN},
+        ("sm90", 128, ANY): {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "DESC": True,
+                             "WARP_SPEC": False},  # fmt: skip
+        (ANY, 64, ANY): {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, **_PLAIN},
+        (ANY, 128, ANY): {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3, **_PLAIN},
+        (ANY, 256, ANY): {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, **_PLAIN},
+    },
+    # sparse pyramid attention backward (ops/attention/backward_kernel.py): ROW_M x ROW_N tiles of the
+    # dQ (row) kernel, COL_N x COL_M of the dK/dV (column) kernel; M capped at block_q, N at one
+    # block's rows per level (at least 16)
+    "attention_backward": {
+        (INTERPRETER, 256, ANY): {"ROW_M": 32, "ROW_N": 32, "COL_M": 32, "COL_N": 32, "row_warps": 4,
+                                  "col_warps": 4, "num_stages": 1},  # fmt: skip
+        (ANY, 64, ANY): {"ROW_M": 64, "ROW_N": 64, "COL_M": 64, "COL_N": 128, "row_warps": 4, "col_warps": 8,
+                         "num_stages": 2},  # fmt: skip
+        ("sm90", 128, ANY): {"ROW_M": 128, "ROW_N": 64, "COL_M": 64, "COL_N": 64, "row_warps": 8,
+                             "col_warps": 4, "num_stages": 2},  # fmt: skip
+        (ANY, 128, ANY): {"ROW_M": 64, "ROW_N": 64, "COL_M": 32, "COL_N": 128, "row_warps": 4, "col_warps": 8,
+                          "num_stages": 2},  # fmt: skip
+        (ANY, 256, ANY): {"ROW_M": 32, "ROW_N": 32, "COL_M": 32, "COL_N": 64, "row_warps": 4, "col_warps": 4,
+                          "num_stages": 1},  # fmt: skip
     },
     # sampled importance (ops/importance/kernel.py); BLOCK_M/BLOCK_N are raised to one block's samples
     "importance": {

@@ -72,7 +72,7 @@ def unsupported_reason(*tensors: torch.Tensor, names: tuple[str, ...]) -> str | 
         if t.dim() != 4:
             return f"{name} must be 4-D [B, H, L, D], got shape {tuple(t.shape)}"
         if t.requires_grad and torch.is_grad_enabled():
-            return f"{name} requires grad; the Triton kernels are forward-only"
+            return f"{name} requires grad; the Triton launchers are forward-only (psa_attention has gradients)"
     first = tensors[0]
     for name, t in zip(names[1:], tensors[1:]):
         if t.device != first.device:

@@ -166,3 +166,27 @@ def test_smoothness_and_caps_real_size():
     # index_add_ on CUDA sums in a nondeterministic order: allow flips only where the reference sits at a threshold
     near = (ref - torch.tensor(sims, device=k.device)).abs().min(-1).values < 1e-5
     assert bool(((caps.long() == ref_caps) | near).all())
+
+
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("block_kv", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_descriptor_loads_match_pointer_loads(d, block_kv, dtype):
+    """Level-1 tiles through tensor descriptors (TMA) give the same bits as pointer loads, on strided
+    ``[B, L, H, D]`` views with a partial tail block, batch 2, and stay within the reference bound."""
+    from psa_diffusers.ops.attention.kernel import descriptors_apply
+
+    g = torch.Generator().manual_seed(d + block_kv)
+    length = 3000  # 23.4 blocks of 128: a partial tail block
+    x = torch.randn(2, length, 3, 4, d, generator=g).to(dtype).cuda()  # [B, L, 3, H, D]
+    q, k, v = (x[:, :, i].transpose(1, 2) for i in range(3))
+    if not descriptors_apply(k, v):
+        pytest.skip("tensor descriptors need compute capability 9+")
+    lm = random_level_map(2, 4, -(-length // 128), -(-length // block_kv), generator=g, p_skip=0.5)
+    mask = PyramidBlockMask.from_level_map(lm.cuda(), block_q=128, block_kv=block_kv)
+    base = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8 if d == 128 else 4, "num_stages": 3, "WARP_SPEC": False}
+    plain = psa_attention_triton(q, k, v, mask, config={**base, "DESC": False})
+    out = torch.full_like(q, float("nan"))
+    psa_attention_triton(q, k, v, mask, out=out, config={**base, "DESC": True})
+    assert torch.equal(out, plain), "descriptor loads changed the result"
+    _check(q, k, v, mask)  # the table's configuration (descriptors on where the table says so) vs the reference

@@ -1,4 +1,7 @@
-"""Level choice: importance -> levels (quota or mass rule) -> caps -> forced text -> the compact mask."""
+"""Level choice: importance -> levels (quota or mass rule) -> caps -> forced text -> the compact mask.
+
+The causal rule (``causal.py``) chooses levels that never look ahead, for decoder prefill.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +10,15 @@ import torch
 from ...config import PSAConfig
 from ...mask import PyramidBlockMask
 from ..triton_support import resolve_table_backend
+from .causal import (
+    RECENT_TOKENS,
+    SINK_TOKENS,
+    causal_density,
+    causal_levels,
+    causal_relation,
+    check_causal_mask,
+    check_causal_rule,
+)
 from .kernel import build_mask_triton, compact_levels_triton
 from .reference import (
     apply_caps,
@@ -18,8 +30,15 @@ from .reference import (
 from .rules import quota_bounds
 
 __all__ = [
+    "RECENT_TOKENS",
+    "SINK_TOKENS",
     "apply_caps",
     "build_mask_triton",
+    "causal_density",
+    "causal_levels",
+    "causal_relation",
+    "check_causal_mask",
+    "check_causal_rule",
     "choose_levels",
     "choose_levels_reference",
     "compact_levels",

@@ -1,0 +1,243 @@
+"""Causal PSA: the causal level rule, the causal reference, and the Triton kernel against the reference.
+
+The reference (``psa_attention_reference(..., causal=True)``) is checked against a per-row brute
+force of the causal rule (a row sees a pooled token only if its last key is not later than the row),
+and at full budget against ``scaled_dot_product_attention(is_causal=True)``, gradients included.
+The level rule is checked for its structure (diagonal level 1, nothing above it, sink and recent
+blocks level 1). The kernel test runs under Triton's interpreter (fp32: tolerance 1e-5, as in
+tests/ops/test_attention.py: only the summation order differs).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from psa_diffusers.attention import psa_attention
+from psa_diffusers.config import PSAConfig
+from psa_diffusers.mask import PyramidBlockMask, ceil_div
+from psa_diffusers.mask_builder import build_causal_block_mask
+from psa_diffusers.ops.attention import psa_attention_backward_reference, psa_attention_reference
+from psa_diffusers.ops.levels import causal_density, causal_levels, causal_relation
+from psa_diffusers.ops.levels.causal import DIAGONAL, FUTURE, PAST
+from tests.helpers import needs_interpreter, random_level_map, rel_err
+
+FULL = dict(mode="quota", budgets=(1.0, 0.0, 0.0, 0.0))
+SPARSE = dict(mode="quota", budgets=(0.2, 0.2, 0.2, 0.2))
+# float32 against float32 SDPA: only the summation order differs (observed ~5e-7 relative).
+TOL_F32 = 1e-5
+
+
+def _qkv(b, h, length, d, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(b, h, length, d, generator=g).to(dtype) for _ in range(3))
+
+
+def causal_map(b, h, length, bq, bkv, seed=0, future_levels=False):
+    """A random level map that is valid for causal attention: diagonal blocks level 1, past random,
+    future blocks skipped (or random with ``future_levels``: the causal mask must hide them anyway)."""
+    g = torch.Generator().manual_seed(seed)
+    nq, nk = ceil_div(length, bq), ceil_div(length, bkv)
+    lm = random_level_map(b, h, nq, nk, generator=g)
+    rel = causal_relation(length, bq, bkv)
+    lm = torch.where(rel == DIAGONAL, torch.ones_like(lm), lm)
+    return lm if future_levels else lm.masked_fill(rel == FUTURE, 0)
+
+
+def brute_force_causal(q, k, v, level_map, bq, bkv, scale):
+    """One row at a time, pooled tokens listed explicitly, those ending after the row left out (float64)."""
+    b, h, length, d = q.shape
+    out = torch.empty(b, h, length, d, dtype=torch.float64)
+    for bb in range(b):
+        for hh in range(h):
+            for r in range(length):
+                logits, values = [], []
+                for j in range(level_map.shape[-1]):
+                    s = int(level_map[bb, hh, r // bq, j])
+                    for g0 in range(j * bkv, min(length, (j + 1) * bkv), s or 1):
+                        g1 = min(g0 + s, length)
+                        if s == 0 or g1 - 1 > r:
+                            continue
+                        logits.append(scale * (q[bb, hh, r].double() @ k[bb, hh, g0:g1].double().mean(0)))
+                        logits[-1] += math.log(g1 - g0)
+                        values.append(v[bb, hh, g0:g1].double().mean(0))
+                out[bb, hh, r] = torch.softmax(torch.stack(logits), 0) @ torch.stack(values)
+    return out
+
+
+# ----------------------------------------------------------------------------------------- reference
+@pytest.mark.parametrize(
+    "length,bq,bkv,future", [(200, 64, 32, False), (130, 64, 128, True), (97, 128, 32, True)],
+    ids=["L200-64x32", "L130-64x128-future", "L97-128x32-future"],
+)  # fmt: skip
+def test_reference_matches_brute_force(length, bq, bkv, future):
+    q, k, v = _qkv(2, 1, length, 8, seed=length)
+    lm = causal_map(2, 1, length, bq, bkv, seed=length, future_levels=future)
+    mask = PyramidBlockMask.from_level_map(lm, block_q=bq, block_kv=bkv)
+    out = psa_attention_reference(q, k, v, mask, causal=True)
+    ref = brute_force_causal(q, k, v, lm, bq, bkv, 8**-0.5)
+    assert rel_err(out, ref) < TOL_F32
+
+
+@pytest.mark.parametrize(
+    "length,d,bq,bkv", [(333, 64, 128, 64), (200, 128, 64, 128), (65, 64, 64, 32)],
+    ids=["L333-d64-128x64", "L200-d128-64x128", "L65-d64-64x32"],
+)  # fmt: skip
+def test_full_budget_equals_causal_sdpa(length, d, bq, bkv):
+    q, k, v = _qkv(2, 2, length, d, seed=1)
+    config = PSAConfig(block_q=bq, block_kv=bkv, **FULL)
+    out = psa_attention(q, k, v, config, causal=True, backend="reference", sink_tokens=0, recent_tokens=0)
+    assert rel_err(out, F.scaled_dot_product_attention(q, k, v, is_causal=True)) < TOL_F32
+
+
+def test_full_budget_gradients_equal_causal_sdpa():
+    q, k, v = (t.requires_grad_() for t in _qkv(1, 2, 150, 32, seed=2))
+    config = PSAConfig(block_q=64, block_kv=32, **FULL)
+    grad = torch.randn(1, 2, 150, 32, generator=torch.Generator().manual_seed(3))
+    got = torch.autograd.grad(psa_attention(q, k, v, config, causal=True, backend="reference"), (q, k, v), grad)
+    want = torch.autograd.grad(F.scaled_dot_product_attention(q, k, v, is_causal=True), (q, k, v), grad)
+    for name, a, b in zip("qkv", got, want):
+        assert rel_err(a, b) < TOL_F32, name
+
+
+def test_sparse_backward_reference_matches_autograd():
+    """The hand-written causal backward against autograd through the causal forward reference."""
+    q, k, v = (t.double().requires_grad_() for t in _qkv(1, 1, 150, 8, seed=4))
+    lm = causal_map(1, 1, 150, 64, 32, seed=4)
+    mask = PyramidBlockMask.from_level_map(lm, block_q=64, block_kv=32)
+    grads = psa_attention_backward_reference(torch.ones_like(q), q, k, v, mask, causal=True)
+    want = torch.autograd.grad(psa_attention_reference(q, k, v, mask, causal=True).sum(), (q, k, v))
+    for a, b in zip(grads, want):
+        assert rel_err(a, b) < 1e-10  # float64 both ways: the same sums in another order
+
+
+def test_no_look_ahead():
+    """With a fixed sparse causal mask, changing the keys and values after token t leaves rows <= t alone."""
+    length, t = 300, 170
+    q, k, v = _qkv(1, 2, length, 16, seed=5)
+    config = PSAConfig(block_q=64, block_kv=32, **SPARSE)
+    out, mask = psa_attention(q, k, v, config, causal=True, backend="reference", sink_tokens=32,
+                              recent_tokens=32, return_mask=True)  # fmt: skip
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, t + 1 :] = torch.randn_like(k2[:, :, t + 1 :]) * 10
+    v2[:, :, t + 1 :] = torch.randn_like(v2[:, :, t + 1 :]) * 10
+    out2 = psa_attention(q, k2, v2, mask=mask, causal=True, backend="reference")
+    assert torch.equal(out[:, :, : t + 1], out2[:, :, : t + 1])
+    assert not torch.allclose(out[:, :, t + 1 :], out2[:, :, t + 1 :])
+
+
+# ----------------------------------------------------------------------------------------- level rule
+@pytest.mark.parametrize("bq,bkv", [(64, 32), (64, 128), (128, 64)], ids=["64x32", "64x128", "128x64"])
+@pytest.mark.parametrize("mode", ["quota", "mass"])
+def test_level_rule_structure(bq, bkv, mode):
+    length, sink, recent = 1000, 100, 200
+    q, k, _ = _qkv(2, 2, length, 16, seed=6)
+    budgets = (0.1, 0.1, 0.1, 0.2) if mode == "quota" else (0.3, 0.5, 0.6, 0.7)
+    config = PSAConfig(block_q=bq, block_kv=bkv, mode=mode, budgets=budgets, min_full_share=0.0)
+    lm = build_causal_block_mask(q, k, config, sink_tokens=sink, recent_tokens=recent).to_level_map()
+    rel = causal_relation(length, bq, bkv).expand_as(lm)
+    assert (lm[rel == DIAGONAL] == 1).all()
+    assert (lm[rel == FUTURE] == 0).all()
+    first_row = torch.arange(lm.shape[2]).view(-1, 1) * bq
+    first_key = torch.arange(lm.shape[3]).view(1, -1) * bkv
+    sink_blocks = (first_key < sink) & (rel[0, 0] == PAST)
+    recent_blocks = (first_key + bkv > first_row - recent) & (rel[0, 0] == PAST)
+    assert (lm[..., sink_blocks] == 1).all() and (lm[..., recent_blocks] == 1).all()
+    competing = (rel == PAST) & ~(sink_blocks | recent_blocks)
+    assert (lm[competing] == 0).any(), "the rule skipped nothing: the test would not see a broken rule"
+
+
+def test_quota_shares_follow_each_rows_competing_blocks():
+    """Row i of an 8x32 grid has its own number of past blocks; quota shares apply to that number."""
+    length, bq, bkv = 1024, 128, 32
+    importance = torch.rand(1, 1, 8, 32, generator=torch.Generator().manual_seed(7))
+    config = PSAConfig(block_q=bq, block_kv=bkv, mode="quota", budgets=(0.25, 0.25, 0.0, 0.5), min_full_share=0.0)
+    lm = causal_levels(importance, config, length=length, sink_tokens=0, recent_tokens=0).to_level_map()[0, 0]
+    for i in range(8):
+        past = 4 * i  # KV blocks wholly before query block i
+        row = lm[i, :past]
+        n1, n2, n8 = round(0.25 * past) or (1 if past else 0), round(0.25 * past), round(0.5 * past)
+        assert [(row == s).sum().item() for s in (1, 2, 8)] == [n1, n2, min(n8, past - n1 - n2)]
+        if past:
+            assert row[importance[0, 0, i, :past].argmax()] == 1  # the best block is level 1
+
+
+def test_causal_density():
+    length, bq, bkv = 300, 64, 32
+    nq, nk = ceil_div(length, bq), ceil_div(length, bkv)
+    full = PyramidBlockMask.from_level_map(torch.ones(1, 1, nq, nk, dtype=torch.int64), block_q=bq, block_kv=bkv)
+    assert causal_density(full, length).item() == pytest.approx(1.0)
+    lm = causal_map(1, 1, length, bq, bkv, seed=8)
+    mask = PyramidBlockMask.from_level_map(lm, block_q=bq, block_kv=bkv)
+    brute = 0  # pooled tokens seen, row by row
+    for r in range(length):
+        for j in range(nk):
+            s = int(lm[0, 0, r // bq, j])
+            if s:
+                brute += sum(1 for g0 in range(j * bkv, min(length, (j + 1) * bkv), s) if min(g0 + s, length) - 1 <= r)
+    assert causal_density(mask, length).item() == pytest.approx(brute / (length * (length + 1) / 2))
+
+
+def test_bad_causal_inputs():
+    q, k, v = _qkv(1, 1, 130, 8)
+    with pytest.raises(ValueError, match="mode"):
+        psa_attention(q, k, v, PSAConfig(mode="density", target_density=0.3, block_q=64, block_kv=32), causal=True)
+    with pytest.raises(ValueError, match="Lq == Lkv"):
+        psa_attention(q[:, :, :100], k, v, causal=True)
+    with pytest.raises(ValueError, match="grid"):
+        psa_attention(q, k, v, causal=True, grid=(1, 10, 13))
+    with pytest.raises(ValueError, match="recent_tokens=-1"):
+        psa_attention(q, k, v, causal=True, recent_tokens=-1)
+    lm = torch.ones(1, 1, 3, 5, dtype=torch.int64)
+    lm[0, 0, 1, 2] = 2  # query block 1 (rows 64..127) against keys 64..95: a diagonal block, pooled
+    with pytest.raises(ValueError, match="crosses the diagonal"):
+        psa_attention(q, k, v, mask=PyramidBlockMask.from_level_map(lm, block_q=64, block_kv=32), causal=True)
+
+
+# ----------------------------------------------------------------------------------------- kernel
+@needs_interpreter
+@pytest.mark.parametrize(
+    "length,d,bq,bkv,dtype,future",
+    [
+        (200, 64, 64, 32, torch.float32, False),
+        (130, 32, 64, 128, torch.float32, True),
+        (160, 128, 128, 64, torch.float16, True),
+    ],
+    ids=["L200-d64-64x32-fp32", "L130-d32-64x128-fp32-future", "L160-d128-128x64-fp16-future"],
+)
+def test_kernel_matches_reference(length, d, bq, bkv, dtype, future):
+    """Needs ``psa_attention_triton(..., causal=True)``: docs/design.md, section 8 (which tiles get the mask)."""
+    from psa_diffusers.ops.attention import psa_attention_triton
+
+    q, k, v = _qkv(2, 1, length, d, seed=9, dtype=dtype)
+    lm = causal_map(2, 1, length, bq, bkv, seed=9, future_levels=future)
+    mask = PyramidBlockMask.from_level_map(lm, block_q=bq, block_kv=bkv)
+    out = psa_attention_triton(q, k, v, mask, causal=True)
+    ref = psa_attention_reference(q.float(), k.float(), v.float(), mask, causal=True)
+    assert not out.isnan().any()
+    # fp16: the kernel's P and output roundings (tests/ops/test_attention.py, TOL)
+    assert rel_err(out, ref) < (TOL_F32 if dtype == torch.float32 else 3e-3)
+
+
+# ----------------------------------------------------------------------------------------- ops
+def test_ops_pass_opcheck_and_compile():
+    """``psa.build_causal_mask`` and ``psa.attention(causal=True)``: schema, fake and autograd registrations,
+    and one graph under ``torch.compile(fullgraph=True)``."""
+    from psa_diffusers import library
+
+    q, k, v = _qkv(1, 2, 150, 16, seed=10)
+    config = PSAConfig(block_q=64, block_kv=32, **SPARSE)
+    args = (*library.config_op_args(config), 0, 32, 32, 0.25, "reference")
+    torch.library.opcheck(torch.ops.psa.build_causal_mask, (q, k, *args), test_utils=("test_schema", "test_faketensor"))
+    counts, indices = torch.ops.psa.build_causal_mask(q, k, *args)
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+    torch.library.opcheck(torch.ops.psa.attention, (qg, kg, vg, counts, indices, 64, 32, 0.25, "reference", True))
+
+    def run(q, k, v):
+        return psa_attention(q, k, v, config, causal=True, backend="reference", sink_tokens=32, recent_tokens=32)
+
+    compiled = torch.compile(run, fullgraph=True, backend="eager")
+    assert torch.equal(compiled(q, k, v), run(q, k, v))
