@@ -32,6 +32,7 @@ from ..pooling.kernel import level_offsets, pool_kv_triton
 from ..triton_support import HAS_TRITON, LOG2E, cdiv, check_supported, dot_upcast, next_power_of_2, tl, triton
 
 if HAS_TRITON:
+    from .kernel import group_log2_count, load_rows  # the forward's tile loads and pooled-count bias
 
     @triton.jit
     def _row_tile(
@@ -40,22 +41,13 @@ if HAS_TRITON:
         PASS: tl.constexpr,
     ):  # fmt: skip
         """One tile of level-S rows: PASS 0 folds it into (m, l, delta sum); PASS 1 adds its dS @ K to dq."""
-        lmask = valid[:, None]
-        if PAD_D:
-            lmask = lmask & dmask[None, :]
-        if MASKED or PAD_D:
-            k = tl.load(kbase + rows[:, None] * skn + offs_d[None, :], mask=lmask, other=0.0)
-            v = tl.load(vbase + rows[:, None] * svn + offs_d[None, :], mask=lmask, other=0.0)
-        else:
-            k = tl.load(kbase + rows[:, None] * skn + offs_d[None, :])
-            v = tl.load(vbase + rows[:, None] * svn + offs_d[None, :])
+        k, v = load_rows(kbase, vbase, skn, svn, rows, valid, offs_d, dmask, MASKED, PAD_D)
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         qk = tl.dot(q, tl.trans(k))
         if MASKED:
-            cnt = tl.minimum(LKV - rows * S, S)
-            bias = tl.log2(tl.maximum(cnt, 1).to(tl.float32))
+            bias = group_log2_count(rows, LKV, S)
             z = tl.where(valid[None, :], qk * qk_scale + bias[None, :], float("-inf"))
         else:
             z = qk * qk_scale + LOG2S
@@ -232,14 +224,13 @@ if HAS_TRITON:
         offs_d = tl.arange(0, BLOCK_D)
         dmask = offs_d < HEAD_DIM
         lmask = valid[:, None] & dmask[None, :]
-        k = tl.load(KS + b * sksb + h * sksh + rows[:, None] * sksn + offs_d[None, :], mask=lmask, other=0.0)
-        v = tl.load(VS + b * svsb + h * svsh + rows[:, None] * svsn + offs_d[None, :], mask=lmask, other=0.0)
+        k, v = load_rows(KS + b * sksb + h * sksh, VS + b * svsb + h * svsh, sksn, svsn, rows, valid, offs_d, dmask,
+                         True, BLOCK_D != HEAD_DIM)  # fmt: skip
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         if S > 1:  # log2(c) per column: c = S except for the sequence's last group
-            cnt = tl.minimum(LKV - rows * S, S)
-            bias = tl.log2(tl.maximum(cnt, 1).to(tl.float32))
+            bias = group_log2_count(rows, LKV, S)
         else:
             bias = tl.zeros([BLOCK_N], dtype=tl.float32)
 

@@ -76,8 +76,7 @@ if HAS_TRITON:
         qk = tl.dot(q, tl.trans(k))
         if MASKED:
             # per-column log2(c) (c < S only for the sequence's last group) and -inf off the real rows
-            cnt = tl.minimum(LKV - rows * S, S)
-            bias = tl.log2(tl.maximum(cnt, 1).to(tl.float32))
+            bias = group_log2_count(rows, LKV, S)
             see = valid[None, :]
             if CAUSAL:
                 last = tl.minimum((rows + 1) * S, LKV) - 1  # the group's last token
@@ -95,7 +94,12 @@ if HAS_TRITON:
         return acc, m_new, l_i
 
     @triton.jit
-    def _load_rows(kbase, vbase, skn, svn, rows, valid, offs_d, dmask, MASKED: tl.constexpr, PAD_D: tl.constexpr):
+    def group_log2_count(rows, LKV, S: tl.constexpr):
+        """``log2(c)`` of pooled rows ``rows`` of level S: ``c`` real tokens (S but for the last group)."""
+        return tl.log2(tl.maximum(tl.minimum(LKV - rows * S, S), 1).to(tl.float32))
+
+    @triton.jit
+    def load_rows(kbase, vbase, skn, svn, rows, valid, offs_d, dmask, MASKED: tl.constexpr, PAD_D: tl.constexpr):
         """K and V rows ``rows`` ``[BLOCK_N, BLOCK_D]`` by pointers; rows off ``valid`` (MASKED), padded dims: 0."""
         if MASKED:
             lmask = valid[:, None]
@@ -138,14 +142,14 @@ if HAS_TRITON:
                     k = kdesc.load([b, h, row0, 0]).reshape(BLOCK_N, kdesc.block_shape[3])
                     v = vdesc.load([b, h, row0, 0]).reshape(BLOCK_N, vdesc.block_shape[3])
                 else:
-                    k, v = _load_rows(kbase, vbase, skn, svn, rows, rows < LS, offs_d, dmask, False, PAD_D)
+                    k, v = load_rows(kbase, vbase, skn, svn, rows, rows < LS, offs_d, dmask, False, PAD_D)
                 acc, m_i, l_i = _tile(acc, m_i, l_i, q, k, v, rows, rows < LS, LKV, qk_scale, rows, S, LOG2S, False,
                                       UPCAST, False)  # fmt: skip
             if has_tail != 0:
                 tail0 = (NK - 1) * R
                 for t in range(0, tl.cdiv(LS - tail0, BLOCK_N)):
                     rows = tail0 + t * BLOCK_N + tl.arange(0, BLOCK_N)
-                    k, v = _load_rows(kbase, vbase, skn, svn, rows, rows < LS, offs_d, dmask, True, PAD_D)
+                    k, v = load_rows(kbase, vbase, skn, svn, rows, rows < LS, offs_d, dmask, True, PAD_D)
                     acc, m_i, l_i = _tile(acc, m_i, l_i, q, k, v, rows, rows < LS, LKV, qk_scale, rows, S, LOG2S,
                                           True, UPCAST, False)  # fmt: skip
         else:
@@ -156,7 +160,7 @@ if HAS_TRITON:
             for t in range(0, n_full):
                 vrow = t * BLOCK_N + tl.arange(0, BLOCK_N)
                 rows = tl.load(idx_ptr + vrow // R) * R + vrow % R
-                k, v = _load_rows(kbase, vbase, skn, svn, rows, rows < LS, offs_d, dmask, False, PAD_D)
+                k, v = load_rows(kbase, vbase, skn, svn, rows, rows < LS, offs_d, dmask, False, PAD_D)
                 acc, m_i, l_i = _tile(acc, m_i, l_i, q, k, v, rows, rows < LS, LKV, qk_scale, rows, S, LOG2S, False,
                                       UPCAST, False)  # fmt: skip
             if need_mask:
@@ -164,7 +168,7 @@ if HAS_TRITON:
                 ent = vrow // R
                 rows = tl.load(idx_ptr + ent, mask=ent < n, other=0) * R + vrow % R
                 valid = (ent < n) & (rows < LS)
-                k, v = _load_rows(kbase, vbase, skn, svn, rows, valid, offs_d, dmask, True, PAD_D)
+                k, v = load_rows(kbase, vbase, skn, svn, rows, valid, offs_d, dmask, True, PAD_D)
                 acc, m_i, l_i = _tile(acc, m_i, l_i, q, k, v, rows, valid, LKV, qk_scale, rows, S, LOG2S, True, UPCAST,
                                       False)  # fmt: skip
         return acc, m_i, l_i
@@ -197,7 +201,7 @@ if HAS_TRITON:
             ent = vrow // R
             rows = tl.load(idx_ptr + ent, mask=ent < n, other=0) * R + vrow % R
             valid = (ent < n) & (rows < LS)
-            k, v = _load_rows(kbase, vbase, skn, svn, rows, valid, offs_d, dmask, True, PAD_D)
+            k, v = load_rows(kbase, vbase, skn, svn, rows, valid, offs_d, dmask, True, PAD_D)
             acc, m_i, l_i = _tile(acc, m_i, l_i, q, k, v, rows, valid, LKV, qk_scale, offs_m, S, LOG2S, True, UPCAST,
                                   True)  # fmt: skip
         return acc, m_i, l_i
