@@ -52,7 +52,6 @@ from .context_parallel import dense_reason, gather_heads, local_heads, ulysses_a
 from .logs import get_logger
 from .state import (
     ATTENTION_MASK,
-    CONTEXT_PARALLEL,
     CROSS_ATTENTION,
     EXPECTED_CAUSES,
     IMAGE_CONTEXT,
@@ -69,7 +68,7 @@ image-context branch splits exactly as the stock one does."""
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-__all__ = ["ATTENTION_MASK", "CONTEXT_PARALLEL", "CROSS_ATTENTION", "IMAGE_CONTEXT", "PSAProcessor", "resolve_schedule"]
+__all__ = ["ATTENTION_MASK", "CROSS_ATTENTION", "IMAGE_CONTEXT", "PSAProcessor", "resolve_schedule"]
 
 
 def resolve_schedule(config_or_preset: Any) -> Any:

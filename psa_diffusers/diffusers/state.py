@@ -41,7 +41,6 @@ DENSE_STEP = "dense step (preset schedule)"
 CROSS_ATTENTION = "cross-attention"
 IMAGE_CONTEXT = "image-context attention"
 ATTENTION_MASK = "attention mask"
-CONTEXT_PARALLEL = "context parallelism"
 DENSE_FALLBACK = "dense fallback (mask too dense to beat dense attention)"
 """``LayerStats.reason`` of a layer some or all of whose heads had masks too dense to be worth the sparse
 kernel, and ran dense attention (docs/design.md, section 5)."""

@@ -241,3 +241,22 @@ def test_ops_pass_opcheck_and_compile():
 
     compiled = torch.compile(run, fullgraph=True, backend="eager")
     assert torch.equal(compiled(q, k, v), run(q, k, v))
+
+
+@pytest.mark.parametrize("bq, bkv", [(128, 32), (64, 128)], ids=["4-diagonal-kv-blocks-per-row", "wide-kv-blocks"])
+def test_a_given_mask_with_a_pooled_or_skipped_diagonal_block_is_refused(bq, bkv):
+    """``psa_attention(..., mask=, causal=True)`` checks every diagonal block is level 1 (each query must see
+    its own key): with several diagonal KV blocks per query block, any one of them pooled or skipped fails."""
+    length = 300
+    q, k, v = _qkv(1, 2, length, 16, seed=11)
+    lm = causal_map(1, 2, length, bq, bkv, seed=11)
+    diag = (causal_relation(length, bq, bkv) == DIAGONAL).nonzero()
+    good = PyramidBlockMask.from_level_map(lm, block_q=bq, block_kv=bkv)
+    psa_attention(q, k, v, PSAConfig(block_q=bq, block_kv=bkv), mask=good, causal=True, backend="reference")
+    for level in (0, 2):
+        i, j = diag[len(diag) // 2].tolist()  # a diagonal block in the middle of the sequence
+        bad = lm.clone()
+        bad[0, 1, i, j] = level
+        mask = PyramidBlockMask.from_level_map(bad, block_q=bq, block_kv=bkv)
+        with pytest.raises(ValueError, match=f"\\(0, 1, {i}, {j}\\)"):
+            psa_attention(q, k, v, PSAConfig(block_q=bq, block_kv=bkv), mask=mask, causal=True, backend="reference")
