@@ -407,11 +407,15 @@ def shape_rates(name, flex_compiled, sweep, best_by_dim):
     def time_importance(icfg):
         return bench(lambda: estimate_block_importance_triton(q, k, block_q=128, block_kv=128, stride=8, config=icfg))
 
-    for icfg in [None] + ([dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), c)) for c in
-                           IMP_CONFIGS + IMP_EXTRA] if sweep else []):  # fmt: skip
+    tiles = [dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), c)) for c in IMP_CONFIGS + IMP_EXTRA]
+    for icfg in [None] + ([{"ONE_PASS": True}] + [{**t, "ONE_PASS": one} for t in tiles for one in (False, True)]
+                          if sweep else []):  # fmt: skip
         try:
             t_imp = time_importance(icfg)
-            say(f"  importance {name} cfg {icfg or 'table'}: {t_imp:.3f} ms = {100 * t_imp / t_dense:.2f}% of dense")
+            err = (estimate_block_importance_triton(q, k, block_q=128, block_kv=128, stride=8, config=icfg)
+                   - importance).abs().max().item()  # fmt: skip
+            say(f"  importance {name} cfg {icfg or 'table'}: {t_imp:.3f} ms = {100 * t_imp / t_dense:.2f}% of dense"
+                f" (max diff vs table {err:.1e})")  # fmt: skip
         except Exception as exc:
             say(f"  importance {name} cfg {icfg}: FAILED {type(exc).__name__}: {str(exc)[:120]}")
 

@@ -74,10 +74,11 @@ KERNEL_CONFIGS: dict[str, dict[tuple[str, int, str], dict[str, Any]]] = {
         (ANY, 256, ANY): {"ROW_M": 32, "ROW_N": 32, "COL_M": 32, "COL_N": 64, "row_warps": 4, "col_warps": 4,
                           "num_stages": 1},  # fmt: skip
     },
-    # sampled importance (ops/importance/kernel.py); BLOCK_M/BLOCK_N are raised to one block's samples
+    # sampled importance (ops/importance/kernel.py); BLOCK_M/BLOCK_N are raised to one block's samples;
+    # ONE_PASS: estimate_block_importance_triton's one-pass variant (block sums to scratch, no second QK^T)
     "importance": {
-        (INTERPRETER, 256, ANY): {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1},
-        (ANY, 256, ANY): {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
+        (INTERPRETER, 256, ANY): {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1, "ONE_PASS": False},
+        (ANY, 256, ANY): {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "ONE_PASS": False},
     },
     # every pyramid level of K and V in one pass (ops/pooling/kernel.py); CHUNK tokens per program,
     # a multiple of 8 so that every group of every level lies in one program

@@ -17,6 +17,8 @@ from psa_diffusers.ops.importance import (
     estimate_block_statistics_triton,
     exact_block_mass,
 )
+from psa_diffusers.ops.importance import kernel as importance_kernel
+from psa_diffusers.ops.kernel_configs import KERNEL_CONFIGS
 from tests.helpers import DT_IDS, needs_interpreter, random_qkv, video_qkv
 
 
@@ -59,6 +61,62 @@ def test_importance_matches_reference(d, dtype, bq, bkv, stride, lq, lkv):
     # probabilities in [0, 1], rows summing to 1: absolute tolerance (fp16 products are exact in fp32)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-6 if dtype == torch.float32 else 1e-5)
     torch.testing.assert_close(got.sum(-1), torch.ones(got.shape[:-1]), rtol=0, atol=1e-5)
+
+
+ONE_PASS_CASES = [  # d, dtype, block_q, block_kv, stride, batch, lq, lkv
+    (64, torch.float32, 64, 32, 8, 2, 300, 271),
+    (128, torch.float16, 128, 64, 4, 2, 261, 199),
+    (40, torch.float32, 64, 64, 8, 3, 333, 389),  # head dim padded to 64
+    (128, torch.float32, 64, 32, 4, 1, 517, 301),
+]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("d,dtype,bq,bkv,stride,b,lq,lkv", ONE_PASS_CASES, ids=lambda x: DT_IDS.get(x, str(x)))
+def test_importance_one_pass_matches_reference_and_two_passes(d, dtype, bq, bkv, stride, b, lq, lkv, monkeypatch):
+    """ONE_PASS: per-tile block sums against the running max, rescaled at the end, equal the two-pass result.
+
+    Partial tail blocks, odd lengths, several query programs and key tiles (interpreter tiles 32 x 32), keys whose
+    second half is 3x larger (the row max jumps in a later tile, so early tiles are rescaled by a tiny factor),
+    q and k as transposed ``[B, L, H, D]`` views. The output and the scratch are NaN-poisoned first.
+
+    The interpreter runs one program after another, so two programs sharing scratch entries would not race
+    here; instead the scratch is checked to hold exactly one written entry per (head, sampled query, KV block):
+    the write map is then one-to-one, and no program or thread can overwrite another's entries on a GPU.
+    """
+    scratch, allocate = [], importance_kernel._tile_scratch
+
+    def keep_scratch(*args):
+        scratch.extend(allocate(*args))
+        return tuple(scratch)
+
+    monkeypatch.setattr(importance_kernel, "_tile_scratch", keep_scratch)
+    q, k, _, _ = random_qkv(b, 2, lq, lkv, d, dtype, seed=d + lq)
+    q = (q * 2).transpose(1, 2).contiguous().transpose(1, 2)
+    k = k.clone()
+    k[:, :, lkv // 2 :] *= 3
+    k = k.transpose(1, 2).contiguous().transpose(1, 2)
+    kw = dict(block_q=bq, block_kv=bkv, stride=stride)
+    got = estimate_block_importance_triton(q, k, **kw, config={"ONE_PASS": True})
+    two = estimate_block_importance_triton(q, k, **kw, config={"ONE_PASS": False})
+    ref = estimate_block_importance_reference(q, k, **kw)
+    assert got.shape == ref.shape and got.dtype == torch.float32
+    # against the reference: the logits' float32 rounding (another summation order of the dot), relative to p
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-6)
+    # against the two passes: the same logits; only where exp2(m_tile - m_final) is applied differs (a few ulps)
+    torch.testing.assert_close(got, two, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(got.sum(-1), torch.ones(got.shape[:-1]), rtol=0, atol=1e-5)
+    u, mt = scratch  # [B*H, Nq * SPQ, Nk], [B*H, Nq * SPQ, n_tiles]
+    slot = torch.arange(u.shape[1])
+    spq = u.shape[1] // got.shape[2]
+    real = ((slot % spq) * stride < bq) & ((slot // spq) * bq + (slot % spq) * stride < lq)
+    assert torch.equal(~u.isnan(), real[None, :, None].expand_as(u))
+    assert torch.equal(~mt.isnan(), real[None, :, None].expand_as(mt))
+
+
+def test_every_importance_entry_has_one_pass():
+    """``config={"ONE_PASS": ...}`` is accepted on every architecture (an override key must be in the entry)."""
+    assert all(isinstance(e.get("ONE_PASS"), bool) for e in KERNEL_CONFIGS["importance"].values())
 
 
 # --------------------------------------------------------------------------- block statistics (the "density" rule)

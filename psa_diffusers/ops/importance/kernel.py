@@ -14,7 +14,12 @@ makes two passes over the sampled keys: the first finds each row's max and sum
 (online, as flash attention does), the second recomputes the logits, normalises
 them and reduces each ``[SPQ, SPK]`` sub-tile to one number, so the program
 writes finished rows of ``S`` and nothing of size ``[L/stride, L/stride]`` is
-ever stored.
+ever stored. With ``ONE_PASS`` (a key of the ``"importance"`` table entries, or
+``config={"ONE_PASS": True}``) it makes one pass instead, as the statistics kernel
+below does (and with its helpers): per key tile, the unnormalised block sums against
+the running max, and that max, go to float32 scratch ``[B*H, Nq*SPQ, Nk]`` (and
+``[B*H, Nq*SPQ, n_tiles]``) that the same program reads back after a barrier, rescaled
+by ``exp2(m_tile - m_final)`` and weighted by ``1 / (l_final * samples of the block)``.
 
 ``estimate_block_statistics_triton`` (same math as
 :func:`.reference.estimate_block_statistics_reference`) samples keys at half the query stride
@@ -69,13 +74,45 @@ if HAS_TRITON:
         return tl.where(kvalid[None, :], s, float("-inf"))
 
     @triton.jit
+    def _online_tile(s, m_i, l_i):
+        """One online-softmax step over log2-domain logits ``s``: ``p`` against the new row max, that max, the sum."""
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        return p, m_new, l_i * tl.math.exp2(m_i - m_new) + tl.sum(p, 1)
+
+    @triton.jit
+    def _scratch_tile(row, t, NK, qvalid, KB: tl.constexpr):
+        """Offsets ``row * NK + kv block`` of key tile ``t``'s ``KB`` KV blocks in a ``[rows, NK]`` scratch, and
+        their mask (real samples and KV blocks only)."""
+        kt = t * KB + tl.arange(0, KB)
+        return row[:, None] * NK + kt[None, :], qvalid[:, None] & (kt < NK)[None, :]
+
+    @triton.jit
+    def _tile_scale(MT, row, t, NT, m_i, inv_l, qvalid):
+        """``exp2(m_tile - m_final) * inv_l`` per row: what turns tile ``t``'s scratch sums into probabilities."""
+        mt = tl.load(MT + row * NT + t, mask=qvalid, other=0.0)
+        return tl.math.exp2(mt - m_i) * inv_l
+
+    @triton.jit
+    def _kv_block_sums(x, BLOCK_M: tl.constexpr, KB: tl.constexpr, SPK: tl.constexpr):
+        """``[BLOCK_M, BLOCK_N]`` -> ``[BLOCK_M, KB]``: the sum over each KV block's ``SPK`` sampled keys."""
+        return tl.sum(tl.reshape(x, (BLOCK_M, KB, SPK)), axis=2)
+
+    @triton.jit
+    def _store_block_rows(out_base, p, oq, t, NQ, NK, QB: tl.constexpr, SPQ: tl.constexpr, KB: tl.constexpr):
+        """Sum ``p`` ``[QB*SPQ, KB]`` over each query block's sampled rows; store it at tile ``t``'s KV blocks."""
+        p = tl.sum(tl.reshape(p, (QB, SPQ, KB)), axis=1)  # [QB, KB]
+        ok = t * KB + tl.arange(0, KB)
+        tl.store(out_base + ok[None, :], p, mask=(oq < NQ)[:, None] & (ok < NK)[None, :])
+
+    @triton.jit
     def _importance_kernel(
-        Q, K, OUT,
+        Q, K, OUT, U, MT,
         sqb, sqh, sqm, skb, skh, skn, sob, soh, som,
-        H, LQ, LKV, NQ, NK, qk_scale,
+        H, LQ, LKV, NQ, NK, ROWS, qk_scale,
         STRIDE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr,
         SPQ: tl.constexpr, SPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, ONE_PASS: tl.constexpr,
     ):  # fmt: skip
         QB: tl.constexpr = BLOCK_M // SPQ
         KB: tl.constexpr = BLOCK_N // SPK
@@ -100,33 +137,48 @@ if HAS_TRITON:
             q = q.to(tl.float32)
         kbase = K + b * skb + h * skh
         n_tiles = tl.cdiv(NK, KB)
-
-        # pass 1: row max and sum over every sampled key
-        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for t in range(0, n_tiles):
-            s = _sampled_logits(q, kbase, skn, t, LKV, NK, qk_scale, offs_d, dmask,
-                                STRIDE, BLOCK_KV, SPK, KB, BLOCK_N, UPCAST)  # fmt: skip
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            l_i = l_i * tl.math.exp2(m_i - m_new) + tl.sum(tl.math.exp2(s - m_new[:, None]), 1)
-            m_i = m_new
-
         # weight of each sampled query: 1 / (its softmax sum * the number of samples of its block)
         n_samples = tl.sum(tl.reshape(qvalid.to(tl.float32), (QB, SPQ)), axis=1)  # [QB]
         per_row = tl.reshape(tl.broadcast_to(n_samples[:, None], (QB, SPQ)), (BLOCK_M,))
-        w = tl.where(qvalid, 1.0 / (l_i * tl.maximum(per_row, 1.0)), 0.0)
-
-        # pass 2: normalised probabilities, summed per (query block, KV block)
         oq = pid * QB + tl.arange(0, QB)
         out_base = OUT + b * sob + h * soh + oq[:, None] * som
-        for t in range(0, n_tiles):
-            s = _sampled_logits(q, kbase, skn, t, LKV, NK, qk_scale, offs_d, dmask,
-                                STRIDE, BLOCK_KV, SPK, KB, BLOCK_N, UPCAST)  # fmt: skip
-            p = tl.math.exp2(s - m_i[:, None]) * w[:, None]
-            p = tl.sum(tl.reshape(p, (BLOCK_M, KB, SPK)), axis=2)  # [BLOCK_M, KB]
-            p = tl.sum(tl.reshape(p, (QB, SPQ, KB)), axis=1)  # [QB, KB]
-            ok = t * KB + tl.arange(0, KB)
-            tl.store(out_base + ok[None, :], p, mask=(oq < NQ)[:, None] & (ok < NK)[None, :])
+
+        # the running row max and sum over every sampled key
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        if ONE_PASS:
+            # one pass: per tile, the unnormalised block sums against the running max, and that max, to scratch
+            # (only this program's rows: no other program touches them)
+            row = pid_bh.to(tl.int64) * ROWS + qblk.to(tl.int64) * SPQ + r % SPQ
+            for t in range(0, n_tiles):
+                s = _sampled_logits(q, kbase, skn, t, LKV, NK, qk_scale, offs_d, dmask,
+                                    STRIDE, BLOCK_KV, SPK, KB, BLOCK_N, UPCAST)  # fmt: skip
+                p, m_i, l_i = _online_tile(s, m_i, l_i)
+                offs, smask = _scratch_tile(row, t, NK, qvalid, KB)
+                tl.store(U + offs, _kv_block_sums(p, BLOCK_M, KB, SPK), mask=smask)
+                tl.store(MT + row * n_tiles + t, m_i, mask=qvalid)
+            # the closing loop reads entries other threads of this program wrote: make their stores visible
+            tl.debug_barrier()
+            w = tl.where(qvalid, 1.0 / (l_i * tl.maximum(per_row, 1.0)), 0.0)
+            for t in range(0, n_tiles):
+                offs, smask = _scratch_tile(row, t, NK, qvalid, KB)
+                f = _tile_scale(MT, row, t, n_tiles, m_i, w, qvalid)
+                p = tl.load(U + offs, mask=smask, other=0.0) * f[:, None]  # [BLOCK_M, KB]
+                _store_block_rows(out_base, p, oq, t, NQ, NK, QB, SPQ, KB)
+        else:
+            # pass 1: row max and sum
+            for t in range(0, n_tiles):
+                s = _sampled_logits(q, kbase, skn, t, LKV, NK, qk_scale, offs_d, dmask,
+                                    STRIDE, BLOCK_KV, SPK, KB, BLOCK_N, UPCAST)  # fmt: skip
+                _, m_i, l_i = _online_tile(s, m_i, l_i)
+            w = tl.where(qvalid, 1.0 / (l_i * tl.maximum(per_row, 1.0)), 0.0)
+
+            # pass 2: normalised probabilities, summed per (query block, KV block)
+            for t in range(0, n_tiles):
+                s = _sampled_logits(q, kbase, skn, t, LKV, NK, qk_scale, offs_d, dmask,
+                                    STRIDE, BLOCK_KV, SPK, KB, BLOCK_N, UPCAST)  # fmt: skip
+                p = _kv_block_sums(tl.math.exp2(s - m_i[:, None]) * w[:, None], BLOCK_M, KB, SPK)
+                _store_block_rows(out_base, p, oq, t, NQ, NK, QB, SPQ, KB)
 
     @triton.jit
     def _finite(x):
@@ -202,17 +254,11 @@ if HAS_TRITON:
         for t in range(0, NT):
             s = _stride_logits(q, kbase, skn, t, LKV, NK, qk_scale, log2_w, offs_d, dmask, spos,
                                KSTRIDE, BLOCK_KV, SPK, KB, BLOCK_N)  # fmt: skip
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.math.exp2(s - m_new[:, None])
-            l_i = l_i * tl.math.exp2(m_i - m_new) + tl.sum(p, 1)
-            m_i = m_new
-            u1 = tl.sum(tl.reshape(p, (BLOCK_M, KB, SPK)), axis=2)
-            u2 = tl.sum(tl.reshape(p * p, (BLOCK_M, KB, SPK)), axis=2)
-            kt = t * KB + tl.arange(0, KB)
-            smask = qvalid[:, None] & (kt < NK)[None, :]
-            tl.store(U1 + row[:, None] * NK + kt[None, :], u1, mask=smask)
-            tl.store(U2 + row[:, None] * NK + kt[None, :], u2, mask=smask)
-            tl.store(MT + row * NT + t, m_new, mask=qvalid)
+            p, m_i, l_i = _online_tile(s, m_i, l_i)
+            offs, smask = _scratch_tile(row, t, NK, qvalid, KB)
+            tl.store(U1 + offs, _kv_block_sums(p, BLOCK_M, KB, SPK), mask=smask)
+            tl.store(U2 + offs, _kv_block_sums(p * p, BLOCK_M, KB, SPK), mask=smask)
+            tl.store(MT + row * NT + t, m_i, mask=qvalid)
         tl.debug_barrier()
 
         # closing loop: rescale to the final max and sum, add the sinks, sum each block's sampled queries
@@ -223,11 +269,10 @@ if HAS_TRITON:
         out_rows = (oq < NQ)[:, None]
         for t in range(0, NT):
             kt = t * KB + tl.arange(0, KB)
-            smask = qvalid[:, None] & (kt < NK)[None, :]
-            mt = tl.load(MT + row * NT + t, mask=qvalid, other=0.0)
-            f = tl.math.exp2(mt - m_i) * inv_l
-            w1 = tl.load(U1 + row[:, None] * NK + kt[None, :], mask=smask, other=0.0) * f[:, None]
-            w2 = tl.load(U2 + row[:, None] * NK + kt[None, :], mask=smask, other=0.0) * (f * f * inv_w)[:, None]
+            offs, smask = _scratch_tile(row, t, NK, qvalid, KB)
+            f = _tile_scale(MT, row, t, NT, m_i, inv_l, qvalid)
+            w1 = tl.load(U1 + offs, mask=smask, other=0.0) * f[:, None]
+            w2 = tl.load(U2 + offs, mask=smask, other=0.0) * (f * f * inv_w)[:, None]
             hit = (sblk[:, None] == kt[None, :]).to(tl.float32)  # [MS, KB]
             c1 = tl.sum(p_sink[:, :, None] * hit[None, :, :], 1)  # [BLOCK_M, KB] sink mass per block
             c2 = tl.sum((p_sink * p_sink)[:, :, None] * hit[None, :, :], 1)
@@ -257,8 +302,10 @@ def estimate_block_importance_triton(
     q: ``[B, H, Lq, D]``, k: ``[B, H, Lkv, D]`` (any strides with a contiguous
     last dim). Same result as :func:`.reference.estimate_block_importance_reference`
     (up to float32 rounding and the bf16/fp16 products of the inputs' dtype).
-    Costs about ``2 / stride**2`` of dense ``QK^T``; memory: the output only.
-    ``config`` overrides tile sizes (benchmarks only).
+    Costs about ``2 / stride**2`` of dense ``QK^T``; memory: the output only. With ``"ONE_PASS"`` (a key of
+    the ``"importance"`` entry, or ``config={"ONE_PASS": True}``) it makes one pass over the keys instead
+    (``1 / stride**2``; see the module docstring) and takes ``B * H * Nq * next_pow2(block_q / stride) * Nk``
+    float32 of scratch. ``config`` overrides tile sizes (benchmarks only).
     """
     check_supported(q, k, names=("q", "k"))
     for name, val in (("block_q", block_q), ("block_kv", block_kv), ("stride", stride)):
@@ -275,18 +322,30 @@ def estimate_block_importance_triton(
     spk = next_power_of_2(cdiv(block_kv, stride))
     cfg = kernel_config("importance", device=q.device, head_dim=d, dtype=q.dtype, override=config)
     cfg["BLOCK_M"], cfg["BLOCK_N"] = max(cfg["BLOCK_M"], spq, 16), max(cfg["BLOCK_N"], spk, 16)
+    one_pass = bool(cfg["ONE_PASS"])
     out = triton_support.new_output((b, h, nq, nk), dtype=torch.float32, device=q.device)
+    rows = nq * spq
+    # the one-pass scratch (block sums against each tile's running max, and that max); unused otherwise
+    u, mt = _tile_scratch(1, b * h, rows, nk, cdiv(nk, cfg["BLOCK_N"] // spk), q.device) if one_pass else (out, out)
     grid = (cdiv(nq, cfg["BLOCK_M"] // spq), b * h)
     _importance_kernel[grid](
-        q, k, out,
+        q, k, out, u, mt,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        h, lq, lkv, nq, nk, scale * LOG2E,
+        h, lq, lkv, nq, nk, rows, scale * LOG2E,
         STRIDE=stride, BLOCK_Q=block_q, BLOCK_KV=block_kv, SPQ=spq, SPK=spk,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], HEAD_DIM=d, BLOCK_D=next_power_of_2(d),
-        UPCAST=dot_upcast(q.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        UPCAST=dot_upcast(q.dtype), ONE_PASS=one_pass, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
     return out
+
+
+def _tile_scratch(n_sums: int, bh: int, rows: int, nk: int, n_tiles: int, device) -> tuple[torch.Tensor, ...]:
+    """Scratch of the one-pass kernels: ``n_sums`` ``[bh, rows, nk]`` float32 block sums, then ``[bh, rows, n_tiles]``
+    tile maxima. Allocated like outputs (NaN-poisoned under the tests), since every entry the kernels read back
+    must have been written by the same program first."""
+    sums = [triton_support.new_output((bh, rows, nk), dtype=torch.float32, device=device) for _ in range(n_sums)]
+    return (*sums, triton_support.new_output((bh, rows, n_tiles), dtype=torch.float32, device=device))
 
 
 MAX_SINKS = 16
@@ -340,9 +399,7 @@ def estimate_block_statistics_triton(
     sq = triton_support.new_output((b, h, nq, nk), dtype=torch.float32, device=dev)
     spike = triton_support.new_output((b, h, nq, nk), dtype=torch.int8, device=dev)
     q_sq = triton_support.new_output((b, h, nq), dtype=torch.float32, device=dev)
-    u1 = torch.empty((b * h, rows, nk), dtype=torch.float32, device=dev)  # scratch
-    u2 = torch.empty_like(u1)
-    mt = torch.empty((b * h, rows, n_tiles), dtype=torch.float32, device=dev)
+    u1, u2, mt = _tile_scratch(2, b * h, rows, nk, n_tiles, dev)
     grid = (cdiv(nq, block_m // spq), b * h)
     _block_stats_kernel[grid](
         q, k, sinks, mass, sq, spike, q_sq, u1, u2, mt,
