@@ -191,11 +191,21 @@ def _build_causal_mask_fake(q, k, mode, budgets, min_full_share, sim_thresholds,
 def config_from_op_args(
     mode, budgets, min_full_share, sim_thresholds, block_q, block_kv, importance_stride, target_density
 ) -> PSAConfig:
-    """The :class:`PSAConfig` of the fields an op received: the inverse of :func:`config_op_args`."""
+    """The :class:`PSAConfig` of the fields an op received: the inverse of :func:`config_op_args`.
+
+    Cached: the ops of every layer receive the same fields at every step, so the config is built and
+    validated once per distinct value, not per call."""
+    return _config_of(
+        mode, tuple(budgets), min_full_share, tuple(sim_thresholds), block_q, block_kv, importance_stride,
+        target_density,
+    )  # fmt: skip
+
+
+@functools.lru_cache(maxsize=64)
+def _config_of(mode, budgets, min_full_share, sim_thresholds, block_q, block_kv, importance_stride, target_density):
     return PSAConfig(
-        block_q=block_q, block_kv=block_kv, mode=mode, budgets=tuple(budgets), min_full_share=min_full_share,
-        sim_thresholds=tuple(sim_thresholds) or None, importance_stride=importance_stride,
-        target_density=target_density,
+        block_q=block_q, block_kv=block_kv, mode=mode, budgets=budgets, min_full_share=min_full_share,
+        sim_thresholds=sim_thresholds or None, importance_stride=importance_stride, target_density=target_density,
     )  # fmt: skip
 
 

@@ -217,10 +217,10 @@ class PSAState:
         self.fallback_waits = 0
         """Forwards at whose start reading older densities had to wait for the device (should stay 0)."""
         self._layers: dict[str, list[tuple[str, Any, Any, int]]] = {}
-        self._actions: dict[str, tuple[int, tuple[bool, ...] | None]] = {}
+        self._actions: dict[str, tuple[int, tuple[bool, ...] | None, str | None]] = {}
+        """Per layer, this forward's (action, dense-head flags, why it is dense: None, DENSE_STEP or DENSE_FALLBACK)."""
         self._fallback: dict[str, tuple[bool, ...]] = {}
         self._fallback_age: dict[str, int] = {}  # forwards since a layer's whole-layer fallback began
-        self._unmeasured: set[str] = set()  # layers of this forward in fallback that build no mask
         self._history: dict[str, deque] = {}
         self.plan: ForwardPlan | None = None
         """The plan of the forward in progress (None outside a forward): what the processors read."""
@@ -346,23 +346,20 @@ class PSAState:
                     self._fallback[name] = flags
                 else:
                     self._fallback.pop(name, None)
-        self._unmeasured.clear()
         for name, processor, control, _ in self._layers.get(transformer, ()):
             processor.last_density = processor.last_reason = None  # nothing left over from a failed forward
             flags = None if dense_step else self._fallback.get(name)
             if dense_step:
-                action = DENSE
+                action, why = DENSE, DENSE_STEP
             elif flags is not None and (all(flags) or control is None or len(flags) != len(control) - 1):
                 # the whole layer falls back: its mask is built (to see whether it got sparser) only at
                 # every REMEASURE_EVERY-th forward; in between it costs exactly dense attention
                 age = self._fallback_age[name] = self._fallback_age.get(name, -1) + 1
-                action, flags = (DENSE_MEASURED if age % REMEASURE_EVERY == 0 else DENSE), None
-                if action == DENSE:
-                    self._unmeasured.add(name)
+                action, flags, why = (DENSE_MEASURED if age % REMEASURE_EVERY == 0 else DENSE), None, DENSE_FALLBACK
             else:
                 self._fallback_age.pop(name, None)
-                action = SPARSE
-            self._actions[name] = (action, flags)
+                action, why = SPARSE, None if flags is None else DENSE_FALLBACK
+            self._actions[name] = (action, flags, why)
             if control is not None:
                 control[0] = action
                 control[1:] = flags if flags is not None else 0
@@ -379,9 +376,7 @@ class PSAState:
                 continue  # not called in this forward
             flags = None
             if reason == SCHEDULED:
-                action, flags = self._actions.get(name, (SPARSE, None))
-                fallback = action == DENSE_MEASURED or flags is not None or name in self._unmeasured
-                reason = DENSE_FALLBACK if fallback else DENSE_STEP if action == DENSE else None
+                action, flags, reason = self._actions.get(name, (SPARSE, None, None))
                 density = None if action == DENSE else density
             names.append(name)
             reasons.append(reason)

@@ -31,6 +31,14 @@ INTERPRETED = HAS_TRITON and os.environ.get("TRITON_INTERPRET", "0") == "1"
 LOG2E = 1.4426950408889634
 """log2(e): the kernels run their softmaxes in ``exp2`` with ``log2(e)`` folded into the scale."""
 
+if HAS_TRITON:
+
+    @triton.jit
+    def finite(x):
+        """``x`` as float32 with NaN and +-inf entries set to 0 (kernels that must survive hostile inputs)."""
+        x = x.to(tl.float32)
+        return tl.where((x == x) & (tl.abs(x) < float("inf")), x, 0.0)
+
 MIN_HEAD_DIM = 16
 MAX_HEAD_DIM = 256
 _FAST_DTYPES = (torch.float16, torch.bfloat16)

@@ -24,6 +24,7 @@ from ..triton_support import HAS_TRITON, cdiv, check_supported, last_dim_contigu
 from .reference import SINK_SEGMENT
 
 if HAS_TRITON:
+    from ..triton_support import finite
 
     @triton.jit
     def _group_cosine_mean(kb, skn, j, L, offs_d, dmask, S: tl.constexpr, BLOCK_KV: tl.constexpr):
@@ -65,11 +66,6 @@ if HAS_TRITON:
         tl.store(CAPS + b * scb + h * sch + j, cap)
 
     @triton.jit
-    def _finite(x):
-        """``x`` with NaN and +-inf entries set to 0 (float32)."""
-        return tl.where((x == x) & (tl.abs(x) < float("inf")), x, 0.0)
-
-    @triton.jit
     def _group_scatter(kx, real, S: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_D: tl.constexpr):
         """Sum over the block's real keys of ``|k - mean of its group of S|**2`` (``kx`` zero on padding)."""
         g = tl.reshape(kx, (BLOCK_KV // S, S, BLOCK_D))
@@ -94,8 +90,8 @@ if HAS_TRITON:
         real = t < L
         kx = tl.load(K + b * skb + h * skh + t[:, None].to(tl.int64) * skn + offs_d[None, :],
                      mask=real[:, None] & dmask[None, :], other=0.0).to(tl.float32)  # fmt: skip
-        kx = _finite(kx)
-        qm = _finite(tl.load(QM + b * sqb + h * sqh + offs_d, mask=dmask, other=0.0).to(tl.float32))
+        kx = finite(kx)
+        qm = finite(tl.load(QM + b * sqb + h * sqh + offs_d, mask=dmask, other=0.0).to(tl.float32))
         n = tl.sum(real.to(tl.float32), 0)
         out = SCAT + b * ssb + h * ssh + j * ssk
         tl.store(out + 0, _group_scatter(kx, real, 2, BLOCK_KV, BLOCK_D) / n)

@@ -54,6 +54,7 @@ from ..triton_support import (
 from .reference import SPIKE_SHARE, BlockStatistics, key_sample_stride
 
 if HAS_TRITON:
+    from ..triton_support import finite
 
     @triton.jit
     def _sampled_logits(
@@ -106,6 +107,17 @@ if HAS_TRITON:
         tl.store(out_base + ok[None, :], p, mask=(oq < NQ)[:, None] & (ok < NK)[None, :])
 
     @triton.jit
+    def _sampled_query_rows(pid, LQ, NQ, STRIDE: tl.constexpr, BLOCK_Q: tl.constexpr, SPQ: tl.constexpr,
+                            BLOCK_M: tl.constexpr):  # fmt: skip
+        """Program ``pid``'s ``BLOCK_M`` sample slots: slot index, query block, token position, and whether the
+        slot is a real sampled query (inside its block and the sequence)."""
+        r = tl.arange(0, BLOCK_M)
+        qblk = pid * (BLOCK_M // SPQ) + r // SPQ
+        qoff = (r % SPQ) * STRIDE
+        qpos = qblk * BLOCK_Q + qoff
+        return r, qblk, qpos, (qblk < NQ) & (qoff < BLOCK_Q) & (qpos < LQ)
+
+    @triton.jit
     def _importance_kernel(
         Q, K, OUT, U, MT,
         sqb, sqh, sqm, skb, skh, skn, sob, soh, som,
@@ -123,11 +135,7 @@ if HAS_TRITON:
         offs_d = tl.arange(0, BLOCK_D)
         dmask = offs_d < HEAD_DIM
 
-        r = tl.arange(0, BLOCK_M)
-        qblk = pid * QB + r // SPQ
-        qoff = (r % SPQ) * STRIDE
-        qpos = qblk * BLOCK_Q + qoff
-        qvalid = (qblk < NQ) & (qoff < BLOCK_Q) & (qpos < LQ)
+        r, qblk, qpos, qvalid = _sampled_query_rows(pid, LQ, NQ, STRIDE, BLOCK_Q, SPQ, BLOCK_M)
         q = tl.load(
             Q + b * sqb + h * sqh + qpos[:, None] * sqm + offs_d[None, :],
             mask=qvalid[:, None] & dmask[None, :],
@@ -181,12 +189,6 @@ if HAS_TRITON:
                 _store_block_rows(out_base, p, oq, t, NQ, NK, QB, SPQ, KB)
 
     @triton.jit
-    def _finite(x):
-        """``x`` as float32 with NaN and +-inf entries set to 0."""
-        x = x.to(tl.float32)
-        return tl.where((x == x) & (tl.abs(x) < float("inf")), x, 0.0)
-
-    @triton.jit
     def _stride_logits(
         q, K, skn, t, LKV, NK, qk_scale, log2_w, offs_d, dmask, spos,
         KSTRIDE: tl.constexpr, BLOCK_KV: tl.constexpr, SPK: tl.constexpr, KB: tl.constexpr,
@@ -200,7 +202,7 @@ if HAS_TRITON:
         kpos = kblk * BLOCK_KV + koff
         kvalid = (kblk < NK) & (koff < BLOCK_KV) & (kpos < LKV)
         kvalid = kvalid & (tl.sum((kpos[:, None] == spos[None, :]).to(tl.int32), 1) == 0)
-        k = _finite(
+        k = finite(
             tl.load(K + kpos[:, None] * skn + offs_d[None, :], mask=kvalid[:, None] & dmask[None, :], other=0.0)
         )
         s = tl.dot(q, tl.trans(k)) * qk_scale + log2_w
@@ -224,12 +226,8 @@ if HAS_TRITON:
         offs_d = tl.arange(0, BLOCK_D)
         dmask = offs_d < HEAD_DIM
 
-        r = tl.arange(0, BLOCK_M)
-        qblk = pid * QB + r // SPQ
-        qoff = (r % SPQ) * STRIDE
-        qpos = qblk * BLOCK_Q + qoff
-        qvalid = (qblk < NQ) & (qoff < BLOCK_Q) & (qpos < LQ)
-        q = _finite(tl.load(Q + b * sqb + h * sqh + qpos[:, None] * sqm + offs_d[None, :],
+        r, qblk, qpos, qvalid = _sampled_query_rows(pid, LQ, NQ, STRIDE, BLOCK_Q, SPQ, BLOCK_M)
+        q = finite(tl.load(Q + b * sqb + h * sqh + qpos[:, None] * sqm + offs_d[None, :],
                             mask=qvalid[:, None] & dmask[None, :], other=0.0))  # fmt: skip
         kbase = K + b * skb + h * skh
         row = pid_bh.to(tl.int64) * ROWS + qblk.to(tl.int64) * SPQ + r % SPQ  # scratch row of each sampled query
@@ -243,7 +241,7 @@ if HAS_TRITON:
         spos = tl.load(SINKS + b * ssb + h * ssh + sk, mask=sk < NS, other=-1)
         svalid = (spos >= 0) & (spos < LKV)
         spos = tl.where(svalid, spos, -1)
-        ks = _finite(tl.load(kbase + spos[:, None] * skn + offs_d[None, :], mask=svalid[:, None] & dmask[None, :],
+        ks = finite(tl.load(kbase + spos[:, None] * skn + offs_d[None, :], mask=svalid[:, None] & dmask[None, :],
                              other=0.0))  # fmt: skip
         s_sink = tl.where(svalid[None, :], tl.dot(q, tl.trans(ks)) * qk_scale, float("-inf"))  # [BLOCK_M, MS]
         m_i = tl.max(s_sink, 1)
