@@ -258,12 +258,15 @@ if HAS_TRITON:
         BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr, UPCAST: tl.constexpr,
         DESC: tl.constexpr, WARP_SPEC: tl.constexpr, CAUSAL: tl.constexpr, NK_BITS: tl.constexpr,
     ):  # fmt: skip
-        """Program (row tile, b*H + h - BH0): BLOCK_M query rows against their pyramid of KV blocks.
+        """Program (row tile, b*H + h - BH0): BLOCK_M query rows against their pyramid of KV blocks (with CAUSAL,
+        row tiles in reverse order: the longest first).
 
         KP/VP: pooled buffers ``[chunk of B*H, L2+L4+L8, D]`` (row ``b*H + h - BH0``), levels at OFF2/4/8.
         KDESC/VDESC: tensor descriptors of K and V with block ``[1, 1, BLOCK_N, D]`` when DESC, else unused.
         """
         pid_m = tl.program_id(0)
+        if CAUSAL:  # the longest rows (the last queries) first: no long row is left for the last wave
+            pid_m = tl.num_programs(0) - 1 - pid_m
         local_bh = tl.program_id(1)
         pid_bh = BH0 + local_bh
         b = (pid_bh // H).to(tl.int64)
