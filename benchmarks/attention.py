@@ -470,7 +470,8 @@ def backward_table(flex_compiled, density=0.15, sweep=True):
     The PSA mask mixes levels at FLOP density ``density`` (70% of its FLOPs at 1x, 20% at 2x, 10% at 8x); flex
     runs the binary mask of the same density. Forward + backward is the ``psa.attention`` op with autograd
     (``torch.autograd.grad`` of q, k, v); with ``sweep`` the backward tiles of BWD_CONFIGS are timed first and
-    the best is also reported (forward kernel + backward kernels called directly).
+    the best is also reported (forward kernel + backward kernels called directly, on the forward's saved
+    output and log-sum-exp).
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -495,7 +496,7 @@ def backward_table(flex_compiled, density=0.15, sweep=True):
         return run
 
     def psa():
-        return torch.ops.psa.attention(q, k, v, mask.kv_counts, mask.kv_indices, 128, 128, scale, "triton")
+        return torch.ops.psa.attention(q, k, v, mask.kv_counts, mask.kv_indices, 128, 128, scale, "triton")[0]
 
     def dense(backend):
         def run():
@@ -519,15 +520,18 @@ def backward_table(flex_compiled, density=0.15, sweep=True):
     errs = [relative_error(a, b_) for a, b_ in zip(psa_grads, dense_grads)]
 
     best_cfg, best_bwd = None, float("nan")
+    o0, lse0 = psa_attention_triton(q0, k0, v0, mask, scale, return_lse=True)  # what psa.attention saves
+    saved = {"out": o0, "lse": lse0}
     if sweep:
         timed = []
         for rm, rn, cm, cn, rw, cw, st in BWD_CONFIGS:
             cfg = {"ROW_M": rm, "ROW_N": rn, "COL_M": cm, "COL_N": cn, "row_warps": rw, "col_warps": cw,
                    "num_stages": st}  # fmt: skip
             try:
-                got = psa_attention_backward_triton(go, q0, k0, v0, mask, scale, config=cfg)
+                got = psa_attention_backward_triton(go, q0, k0, v0, mask, scale, config=cfg, **saved)
                 diff = max(relative_error(a, b_) for a, b_ in zip(got, psa_grads))
-                t = bench(lambda cfg=cfg: psa_attention_backward_triton(go, q0, k0, v0, mask, scale, config=cfg))
+                t = bench(lambda cfg=cfg: psa_attention_backward_triton(go, q0, k0, v0, mask, scale, config=cfg,
+                                                                        **saved))  # fmt: skip
                 timed.append((t, cfg))
                 say(f"  backward cfg {cfg}: {t:.3f} ms (diff vs table config {diff:.1e})")
             except Exception as exc:  # a config that fails to compile or runs out of resources is skipped
@@ -535,7 +539,7 @@ def backward_table(flex_compiled, density=0.15, sweep=True):
         if timed:
             best_bwd, best_cfg = min(timed, key=lambda r: r[0])
             say(f"  best backward config: {best_cfg} ({best_bwd:.3f} ms)")
-    times["psa_bwd_table"] = bench(lambda: psa_attention_backward_triton(go, q0, k0, v0, mask, scale))
+    times["psa_bwd_table"] = bench(lambda: psa_attention_backward_triton(go, q0, k0, v0, mask, scale, **saved))
 
     say("")
     say(f"forward + backward, wan13 {b},{h},{length},{d} bf16, blocks 128x128, PSA density {real:.3f} "

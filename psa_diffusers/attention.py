@@ -151,8 +151,9 @@ def psa_attention(
         mask = _check_mask(mask, q, lkv)
         if causal:
             check_causal_mask(mask, lq)
-    out = torch.ops.psa.attention(q, k, v, mask.kv_counts, mask.kv_indices, mask.block_q, mask.block_kv, scale,
-                                  backend, causal)  # fmt: skip
+    # the op also returns each row's log-sum-exp, which only its backward reads
+    out, _ = torch.ops.psa.attention(q, k, v, mask.kv_counts, mask.kv_indices, mask.block_q, mask.block_kv, scale,
+                                     backend, causal)  # fmt: skip
     if reorder:
         out = torch.ops.psa.permute_tokens(out, grid, text_len, True)
     return (out, mask) if return_mask else out
@@ -261,6 +262,6 @@ def run_attention(plan: PSAPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     mask = _check_mask(plan.mask, q, k.shape[2])
     if plan.pooled_kv is None and plan.kernel_config is None:  # through the op: compile and autograd attach
         args = (mask.kv_counts, mask.kv_indices, mask.block_q, mask.block_kv, plan.scale, plan.backend)
-        return torch.ops.psa.attention(q, k, v, *args)
+        return torch.ops.psa.attention(q, k, v, *args)[0]
     return sparse_attention(q, k, v, plan.mask, plan.scale, backend=plan.backend, pooled=plan.pooled_kv,
                             config=plan.kernel_config)  # fmt: skip

@@ -1,8 +1,9 @@
 """The torch.library boundary: PSA's ops in the namespace ``psa``, with fake (meta) implementations.
 
 * ``torch.ops.psa.attention(q, k, v, kv_counts, kv_indices, block_q, block_kv, scale, backend)``
-  -> ``[B, H, Lq, D]``: sparse pyramid attention over a compact mask; autograd is registered
-  (its backward is the op ``psa.attention_backward``).
+  -> ``(out [B, H, Lq, D], lse [B, H, Lq])``: sparse pyramid attention over a compact mask, and each
+  row's natural log-sum-exp (float32, not differentiable), which autograd saves with ``out`` for the
+  backward, the op ``psa.attention_backward``. The Python wrappers return ``out`` alone.
 * ``torch.ops.psa.build_mask(q, k, mode, budgets, min_full_share, sim_thresholds, block_q,
   block_kv, importance_stride, target_density, text_len, scale, backend)`` -> ``(kv_counts,
   kv_indices)`` int32: the level map of a :class:`~psa_diffusers.config.PSAConfig`, compacted.
@@ -64,14 +65,15 @@ def attention_op(
     scale: float,
     backend: str,
     causal: bool = False,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     mask = PyramidBlockMask(kv_counts, kv_indices, block_q=block_q, block_kv=block_kv)
-    return sparse_attention(q, k, v, mask, scale, backend=backend, causal=causal).contiguous()
+    out, lse = sparse_attention(q, k, v, mask, scale, backend=backend, causal=causal, return_lse=True)
+    return out.contiguous(), lse.contiguous()
 
 
 @attention_op.register_fake
 def _attention_fake(q, k, v, kv_counts, kv_indices, block_q, block_kv, scale, backend, causal=False):
-    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.custom_op("psa::attention_backward", mutates_args=())
@@ -87,32 +89,37 @@ def attention_backward_op(
     scale: float,
     backend: str,
     causal: bool = False,
+    out: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of q, k, v for ``grad_out`` (the mask is a constant): the Triton backward where ``backend``
-    resolves to it; ``causal`` runs on the reference."""
+    resolves to it, reading ``out`` and ``lse`` (``psa.attention``'s outputs; without them it reruns the
+    forward); ``causal`` and the reference recompute everything."""
     mask = PyramidBlockMask(kv_counts, kv_indices, block_q=block_q, block_kv=block_kv)
     if causal:
         grads = psa_attention_backward_reference(grad_out, q, k, v, mask, scale, causal=True)
         return tuple(g.contiguous() for g in grads)  # type: ignore[return-value]
-    grads = sparse_attention_backward(grad_out, q, k, v, mask, scale, backend=backend)
+    grads = sparse_attention_backward(grad_out, q, k, v, mask, scale, backend=backend, out=out, lse=lse)
     return tuple(g.contiguous() for g in grads)  # type: ignore[return-value]
 
 
 @attention_backward_op.register_fake
 def _attention_backward_fake(grad_out, q, k, v, kv_counts, kv_indices, block_q, block_kv, scale, backend,
-                             causal=False):  # fmt: skip
+                             causal=False, out=None, lse=None):  # fmt: skip
     return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
 
 
 def _attention_setup(ctx, inputs, output) -> None:
     q, k, v, kv_counts, kv_indices, block_q, block_kv, scale, backend, causal = inputs
-    ctx.save_for_backward(q, k, v, kv_counts, kv_indices)
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, kv_counts, kv_indices, out, lse)
     ctx.args = (block_q, block_kv, scale, backend, causal)
 
 
-def _attention_backward(ctx, grad_out):
-    q, k, v, kv_counts, kv_indices = ctx.saved_tensors
-    dq, dk, dv = attention_backward_op(grad_out, q, k, v, kv_counts, kv_indices, *ctx.args)
+def _attention_backward(ctx, grad_out, grad_lse):
+    q, k, v, kv_counts, kv_indices, out, lse = ctx.saved_tensors
+    dq, dk, dv = attention_backward_op(grad_out, q, k, v, kv_counts, kv_indices, *ctx.args, out, lse)
     return dq, dk, dv, None, None, None, None, None, None, None
 
 

@@ -39,11 +39,23 @@ def test_attention_op_passes_opcheck():
     torch.library.opcheck(torch.ops.psa.attention.default, args)
 
 
-def test_attention_backward_op_passes_opcheck():
+def test_attention_op_returns_a_non_differentiable_lse():
+    q, k, v = _qkv(length=200, requires_grad=True)
+    lm = random_level_map(2, 2, 4, 7, generator=torch.Generator().manual_seed(1))
+    mask = psa_diffusers.PyramidBlockMask.from_level_map(lm, block_q=64, block_kv=32)
+    out, lse = torch.ops.psa.attention(q, k, v, mask.kv_counts, mask.kv_indices, 64, 32, 0.25, "reference")
+    assert out.requires_grad and not lse.requires_grad
+    assert lse.shape == (2, 2, 200) and lse.dtype == torch.float32 and lse.is_contiguous()
+
+
+@pytest.mark.parametrize("saved", [False, True], ids=["recompute", "saved-out-lse"])
+def test_attention_backward_op_passes_opcheck(saved):
     q, k, v = _qkv(length=200)
     lm = random_level_map(2, 2, 4, 7, generator=torch.Generator().manual_seed(2))
     mask = psa_diffusers.PyramidBlockMask.from_level_map(lm, block_q=64, block_kv=32)
     args = (torch.randn_like(q), q, k, v, mask.kv_counts, mask.kv_indices, 64, 32, 0.25, "reference")
+    if saved:
+        args = (*args, False, *torch.ops.psa.attention(q, k, v, *args[4:]))
     torch.library.opcheck(torch.ops.psa.attention_backward.default, args)
 
 

@@ -60,8 +60,8 @@ KERNEL_CONFIGS: dict[str, dict[tuple[str, int, str], dict[str, Any]]] = {
         (ANY, 256, ANY): {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, **_PLAIN},
     },
     # sparse pyramid attention backward (ops/attention/backward_kernel.py): ROW_M x ROW_N tiles of the
-    # dQ (row) kernel, COL_N x COL_M of the dK/dV (column) kernel; M capped at block_q, N at one
-    # block's rows per level (at least 16)
+    # dQ (row) kernel (ROW_N at every level, short pooled blocks packed, as in the forward), COL_N x COL_M
+    # of the dK/dV (column) kernel; M capped at block_q, COL_N at one block's rows per level (at least 16)
     "attention_backward": {
         (INTERPRETER, 256, ANY): {"ROW_M": 32, "ROW_N": 32, "COL_M": 32, "COL_N": 32, "row_warps": 4,
                                   "col_warps": 4, "num_stages": 1},  # fmt: skip

@@ -1,13 +1,23 @@
-"""The Triton backward of sparse pyramid attention against autograd through the PyTorch reference.
+"""The Triton backward of sparse pyramid attention against autograd through the PyTorch reference,
+and the forward's saved log-sum-exp against a float64 one.
 
 The expected gradients come from ``torch.autograd.grad`` through ``psa_attention_reference`` on float32
 copies of the inputs (not from the hand-written ``psa_attention_backward_reference``), so the kernel is
-checked against the forward's own math. Under the interpreter (CPU) the sizes are small; the real
-sizes run on CUDA (``pytest -m gpu tests/ops/test_attention_backward.py``). Every launcher output
-(dq, dk, dv and the internal lse/delta/pooled-gradient buffers) is poisoned with NaN first
+checked against the forward's own math. The backward reads the forward's output and log-sum-exp
+(``psa_attention_triton(..., return_lse=True)``), as ``psa.attention``'s autograd does; the expected
+log-sum-exp is ``torch.logsumexp`` of the pyramid logits built here in float64 (:func:`pyramid_logits64`).
+Under the interpreter (CPU) the sizes are small; the real sizes run on CUDA
+(``pytest -m gpu tests/ops/test_attention_backward.py``). Every launcher output (the forward's out and
+lse, dq, dk, dv and the internal delta/pooled-gradient buffers) is poisoned with NaN first
 (``triton_support.POISON_OUTPUTS``, tests/conftest.py), so an element a kernel forgets fails.
 
-Tolerances (relative L2 error per gradient, against the float32 reference):
+Log-sum-exp tolerances (absolute, natural log; values up to ~15):
+- float32: 2e-5, about 10 float32 ulps of 16: rounding of the logits' sums (observed ~3e-6).
+- float16 (and the GPU's fp16): 5e-3. The pooled keys are stored in fp16 (one rounding of at most 2**-12
+  relative per element), which moves a pooled logit by ~3e-4 (one standard deviation at these scales);
+  observed ~1.3e-3. bfloat16 (GPU): 2e-2, the same rounding at 2**-9 (8x).
+
+Gradient tolerances (relative L2 error per gradient, against the float32 reference):
 - float32 (interpreter): 1e-5. Only the summation order differs (observed ~5e-7).
 - float16 (interpreter): 5e-3. The kernels round P and dS to fp16 before their products (as every
   FlashAttention backward does), and pooled K/V and the gradients are stored in fp16: a few
@@ -18,6 +28,8 @@ Tolerances (relative L2 error per gradient, against the float32 reference):
 """
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -31,12 +43,37 @@ from psa_diffusers.ops.attention import (
     psa_attention_backward_reference,
     psa_attention_backward_triton,
     psa_attention_reference,
+    psa_attention_triton,
     sparse_attention_backward,
     transposed_mask,
 )
 from tests.helpers import DT_IDS, needs_interpreter, random_level_map, rel_err
+from tests.ops.test_causal import causal_map
 
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3}
+LSE_ATOL = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+
+
+def pyramid_logits64(q, k, level_map, bq, bkv, scale, causal=False):
+    """``[B, H, Lq, L1+L2+L4+L8]`` float64: every query's logit against every pooled token of every level
+    (``scale * q . kbar + ln(c)``, ``c`` real tokens in the group), -inf where the level map (or, with
+    ``causal``, a group ending after the query) hides it."""
+    b, h, lq, d = q.shape
+    lkv = k.shape[2]
+    rows = torch.arange(lq, device=q.device)
+    lm = level_map.to(q.device)
+    parts = []
+    for s in (1, 2, 4, 8):
+        groups = -(-lkv // s)
+        first = torch.arange(groups, device=q.device) * s
+        count = (lkv - first).clamp(max=s)
+        ksum = F.pad(k.double(), (0, 0, 0, groups * s - lkv)).view(b, h, groups, s, d).sum(3)
+        z = scale * q.double() @ (ksum / count[:, None]).transpose(-1, -2) + count.double().log()
+        seen = lm[:, :, rows // bq][..., first // bkv] == s
+        if causal:
+            seen = seen & (first + count - 1 <= rows[:, None])
+        parts.append(z.masked_fill(~seen, -math.inf))
+    return torch.cat(parts, -1)
 
 
 def reference_grads(q, k, v, mask, scale, grad_out):
@@ -63,6 +100,67 @@ def _check(got, expected, tol):
         assert err < tol, f"{name}: relative error {err:.2e} >= {tol:.0e}"
 
 
+# --------------------------------------------------------------------------- the saved log-sum-exp
+LSE_CASES = [
+    (2, 1, 130, 77, 64, 64, 32),  # batch 2, partial tails, Lq != Lkv, pooled blocks of 4 rows, last groups of 1-5
+    (2, 2, 100, 203, 128, 32, 64),  # batch 2, tails with a last group of 3 tokens at levels 4 and 8
+]
+LSE_IDS = ["d64-tails-b2", "d128-tails-b2"]
+
+
+def _expected_lse(q, k, mask, lm, scale, causal=False):
+    return torch.logsumexp(pyramid_logits64(q, k, lm, mask.block_q, mask.block_kv, scale, causal=causal), -1)
+
+
+def _check_lse(lse, expected, atol):
+    assert lse.dtype == torch.float32 and lse.shape == expected.shape and lse.is_contiguous()
+    assert torch.isfinite(lse).all(), "unwritten (NaN) or non-finite log-sum-exp"
+    err = (lse.double() - expected).abs().max().item()
+    assert err < atol, f"log-sum-exp: largest error {err:.2e} >= {atol:.0e}"
+
+
+@pytest.mark.parametrize("b, h, lq, lkv, d, bq, bkv", LSE_CASES, ids=LSE_IDS)
+def test_reference_lse_is_the_logsumexp_of_the_pyramid_logits(b, h, lq, lkv, d, bq, bkv):
+    """``psa_attention_reference(..., return_lse=True)``: the natural log-sum-exp, and the same output."""
+    (q, k, v, _), mask = _inputs(b, h, lq, lkv, d, bq, bkv, torch.float32, seed=lq + d)
+    out, lse = psa_attention_reference(q, k, v, mask, 0.3, return_lse=True)
+    assert torch.equal(out, psa_attention_reference(q, k, v, mask, 0.3))
+    _check_lse(lse, _expected_lse(q, k, mask, mask.to_level_map(), 0.3), LSE_ATOL[torch.float32])
+
+
+def test_reference_causal_lse_is_the_logsumexp_of_the_causal_logits():
+    (q, k, v, _), _ = _inputs(2, 1, 200, 200, 16, 64, 32, torch.float32, seed=3)
+    lm = causal_map(2, 1, 200, 64, 32, seed=3)
+    mask = PyramidBlockMask.from_level_map(lm, block_q=64, block_kv=32)
+    _, lse = psa_attention_reference(q, k, v, mask, causal=True, return_lse=True)
+    _check_lse(lse, _expected_lse(q, k, mask, lm, 16**-0.5, causal=True), LSE_ATOL[torch.float32])
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=DT_IDS.get)
+@pytest.mark.parametrize("b, h, lq, lkv, d, bq, bkv", LSE_CASES, ids=LSE_IDS)
+def test_triton_forward_saves_the_logsumexp(b, h, lq, lkv, d, bq, bkv, dtype):
+    """The forward kernel's lse (``return_lse=True``) against float64 logits of the same (rounded) inputs;
+    the output is the one the plain call returns."""
+    (q, k, v, _), mask = _inputs(b, h, lq, lkv, d, bq, bkv, dtype, seed=lq + d)
+    out, lse = psa_attention_triton(q, k, v, mask, 0.3, return_lse=True)
+    assert torch.equal(out, psa_attention_triton(q, k, v, mask, 0.3))
+    _check_lse(lse, _expected_lse(q, k, mask, mask.to_level_map(), 0.3), LSE_ATOL[dtype])
+
+
+@needs_interpreter
+def test_triton_lse_with_pool_chunks_and_causal():
+    """The lse of every (b, h) slice when pooling in chunks, and of the causal forward."""
+    (q, k, v, _), mask = _inputs(2, 3, 70, 90, 16, 32, 32, torch.float32, seed=8)
+    _, lse = psa_attention_triton(q, k, v, mask, return_lse=True, pool_chunk=4)
+    _check_lse(lse, _expected_lse(q, k, mask, mask.to_level_map(), 0.25), LSE_ATOL[torch.float32])
+    (q, k, v, _), _ = _inputs(2, 1, 200, 200, 16, 64, 32, torch.float32, seed=3)
+    lm = causal_map(2, 1, 200, 64, 32, seed=3)
+    mask = PyramidBlockMask.from_level_map(lm, block_q=64, block_kv=32)
+    _, lse = psa_attention_triton(q, k, v, mask, causal=True, return_lse=True)
+    _check_lse(lse, _expected_lse(q, k, mask, lm, 0.25, causal=True), LSE_ATOL[torch.float32])
+
+
 # --------------------------------------------------------------------------- interpreter
 @needs_interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=DT_IDS.get)
@@ -80,7 +178,8 @@ def _check(got, expected, tol):
 )
 def test_triton_gradients_match_reference_autograd(b, h, lq, lkv, d, bq, bkv, dtype):
     (q, k, v, grad_out), mask = _inputs(b, h, lq, lkv, d, bq, bkv, dtype, seed=lq + lkv + d)
-    got = psa_attention_backward_triton(grad_out, q, k, v, mask, 0.3)
+    out, lse = psa_attention_triton(q, k, v, mask, 0.3, return_lse=True)
+    got = psa_attention_backward_triton(grad_out, q, k, v, mask, 0.3, out=out, lse=lse)
     assert [g.dtype for g in got] == [dtype] * 3 and [g.shape for g in got] == [q.shape, k.shape, v.shape]
     _check(got, reference_grads(q, k, v, mask, 0.3, grad_out), TOL[dtype])
 
@@ -91,7 +190,19 @@ def test_each_level_alone(level):
     """Every block at one level: each column kernel (and the row kernel's path for that level) on its own."""
     (q, k, v, grad_out), _ = _inputs(1, 1, 64, 83, 16, 32, 32, torch.float32, seed=level)
     mask = PyramidBlockMask.from_level_map(torch.full((1, 1, 2, 3), level), block_q=32, block_kv=32)
-    got = psa_attention_backward_triton(grad_out, q, k, v, mask)
+    out, lse = psa_attention_triton(q, k, v, mask, return_lse=True)
+    got = psa_attention_backward_triton(grad_out, q, k, v, mask, out=out, lse=lse)
+    _check(got, reference_grads(q, k, v, mask, None, grad_out), TOL[torch.float32])
+
+
+@needs_interpreter
+@pytest.mark.parametrize("row_n", [16, 64])
+def test_row_tiles_shorter_and_longer_than_a_block(row_n):
+    """ROW_N 16 (a level-1 block of 32 is two contiguous tiles, levels 2-8 packed) and 64 (every level packed,
+    two level-1 blocks per tile), with a partial tail block and packing padding."""
+    (q, k, v, grad_out), mask = _inputs(2, 1, 70, 83, 16, 32, 32, torch.float32, seed=row_n, p_skip=0.2)
+    out, lse = psa_attention_triton(q, k, v, mask, return_lse=True)
+    got = psa_attention_backward_triton(grad_out, q, k, v, mask, out=out, lse=lse, config={"ROW_N": row_n})
     _check(got, reference_grads(q, k, v, mask, None, grad_out), TOL[torch.float32])
 
 
@@ -108,9 +219,48 @@ def test_outputs_are_poisoned_before_the_kernels_write(monkeypatch):
 
     monkeypatch.setattr(triton_support, "new_output", spy)
     (q, k, v, grad_out), mask = _inputs(2, 1, 70, 90, 16, 32, 32, torch.float32, seed=5, p_skip=0.6)
-    got = psa_attention_backward_triton(grad_out, q, k, v, mask)
-    assert len(made) >= 7 and all(made)  # dq, dk, dv, lse, delta, pooled dK, pooled dV (+ pooled K/V)
+    out, lse = psa_attention_triton(q, k, v, mask, return_lse=True)
+    assert len(made) == 4 and all(made)  # pooled K, pooled V, out, lse
+    got = psa_attention_backward_triton(grad_out, q, k, v, mask, out=out, lse=lse)
+    assert len(made) == 12 and all(made)  # pooled K, pooled V, dq, dk, dv, delta, pooled dK, pooled dV
     _check(got, reference_grads(q, k, v, mask, None, grad_out), TOL[torch.float32])
+
+
+@needs_interpreter
+def test_backward_without_saved_lse_reruns_the_forward(monkeypatch):
+    """Without ``out``/``lse`` the backward runs the forward kernel first: the same gradients, bit for bit."""
+    (q, k, v, grad_out), mask = _inputs(2, 1, 100, 90, 16, 32, 32, torch.float16, seed=6)
+    out, lse = psa_attention_triton(q, k, v, mask, return_lse=True)
+    saved = psa_attention_backward_triton(grad_out, q, k, v, mask, out=out, lse=lse)
+    forwards = []
+    real = backward_kernel.psa_attention_triton
+
+    def spy(*args, **kwargs):
+        forwards.append(kwargs.get("return_lse"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(backward_kernel, "psa_attention_triton", spy)
+    again = psa_attention_backward_triton(grad_out, q, k, v, mask)
+    assert forwards == [True]
+    assert all(torch.equal(a, e) for a, e in zip(again, saved))
+    _check(again, reference_grads(q, k, v, mask, None, grad_out), TOL[torch.float16])
+
+
+def test_backward_checks_out_and_lse():
+    (q, k, v, grad_out), mask = _inputs(1, 1, 64, 64, 16, 32, 32, torch.float32, seed=0)
+    if triton_support.unsupported_reason(q, k, v, names=("q", "k", "v")) is not None:
+        pytest.skip("the Triton path cannot run here")
+    lse = torch.zeros(1, 1, 64)
+    with pytest.raises(ValueError, match="together"):
+        psa_attention_backward_triton(grad_out, q, k, v, mask, lse=lse)
+    with pytest.raises(ValueError, match="together"):
+        psa_attention_backward_triton(grad_out, q, k, v, mask, out=q)
+    with pytest.raises(ValueError, match="lse must be"):
+        psa_attention_backward_triton(grad_out, q, k, v, mask, out=q, lse=lse.double())
+    with pytest.raises(ValueError, match="lse must be"):
+        psa_attention_backward_triton(grad_out, q, k, v, mask, out=q, lse=lse[..., :10])
+    with pytest.raises(ValueError, match="out must be"):
+        psa_attention_backward_triton(grad_out, q, k, v, mask, out=q.half(), lse=lse)
 
 
 def test_transposed_mask_is_the_transposed_level_map():
@@ -123,24 +273,35 @@ def test_transposed_mask_is_the_transposed_level_map():
 
 @needs_interpreter
 def test_op_backward_runs_the_triton_kernels(monkeypatch):
-    """psa.attention with backend "triton": autograd reaches the Triton backward, which matches the reference's."""
-    calls = []
-    real = backward_kernel.launch_attention_backward
+    """psa.attention with backend "triton": autograd reaches the Triton backward, which reads the op's saved
+    output and lse (no second forward) and matches the reference's gradients."""
+    calls, forwards = [], []
+    real, real_forward = backward_kernel.launch_attention_backward, backward_kernel.psa_attention_triton
 
-    def spy(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
+    def spy(grad_out, q, k, v, kp, vp, mask, scale, out, lse, config=None):
+        calls.append((out, lse))
+        return real(grad_out, q, k, v, kp, vp, mask, scale, out, lse, config)
+
+    def forward_spy(*args, **kwargs):
+        forwards.append(1)
+        return real_forward(*args, **kwargs)
 
     monkeypatch.setattr(backward_kernel, "launch_attention_backward", spy)
+    monkeypatch.setattr(backward_kernel, "psa_attention_triton", forward_spy)
     (q, k, v, grad_out), mask = _inputs(2, 1, 100, 100, 16, 32, 32, torch.float32, seed=9)
-    grads = {}
+    grads, lses = {}, {}
     for backend in ("triton", "reference"):
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-        out = torch.ops.psa.attention(*leaves, mask.kv_counts, mask.kv_indices, 32, 32, 0.25, backend)
+        out, lse = torch.ops.psa.attention(*leaves, mask.kv_counts, mask.kv_indices, 32, 32, 0.25, backend)
+        assert out.requires_grad and not lse.requires_grad  # lse is not differentiable
+        assert lse.shape == (2, 1, 100) and lse.dtype == torch.float32
         out.backward(grad_out)
-        grads[backend] = [t.grad for t in leaves]
-    assert calls == [1]
+        grads[backend], lses[backend] = [t.grad for t in leaves], lse
+        if backend == "triton":
+            assert len(calls) == 1 and not forwards
+            assert calls[0][1].data_ptr() == lse.data_ptr() and calls[0][0].data_ptr() == out.data_ptr()
     _check(grads["triton"], grads["reference"], TOL[torch.float32])
+    torch.testing.assert_close(lses["triton"], lses["reference"], rtol=0, atol=LSE_ATOL[torch.float32])
 
 
 @needs_interpreter
@@ -160,7 +321,7 @@ def test_compiled_op_gradients_equal_eager():
     args = (mask.kv_counts, mask.kv_indices, 32, 32, 0.25, "reference")
 
     def loss(q, k, v):
-        return (torch.ops.psa.attention(q, k, v, *args) * grad_out).sum()
+        return (torch.ops.psa.attention(q, k, v, *args)[0] * grad_out).sum()
 
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     eager = torch.autograd.grad(loss(*leaves), leaves)
@@ -209,13 +370,33 @@ def _dense_backward_error(q, k, v, grad_out) -> float:
     ids=["wan13-d128", "cogx-b2-d64", "tails-128x32"],
 )
 def test_triton_gradients_at_real_sizes(b, h, length, d, bq, bkv, dtype):
+    """The forward's saved lse against the float32 reference's, then the backward that reads it."""
     (q, k, v, grad_out), mask = _inputs(b, h, length, length, d, bq, bkv, dtype, seed=d, device="cuda", p_skip=0.7)
-    got = psa_attention_backward_triton(grad_out, q, k, v, mask)
+    out, lse = psa_attention_triton(q, k, v, mask, return_lse=True)
+    _, expected_lse = psa_attention_reference(q, k, v, mask, return_lse=True)  # float32, chunked
+    _check_lse(lse, expected_lse.double(), LSE_ATOL[dtype])
+    got = psa_attention_backward_triton(grad_out, q, k, v, mask, out=out, lse=lse)
     # the hand-written reference backward (float32, chunked): autograd through the reference forward would keep
     # every chunk's logits alive (tens of GB at 32k tokens); the CPU tests check the two references agree
     expected = psa_attention_backward_reference(grad_out.float(), q.float(), k.float(), v.float(), mask)
     bound = 2 * _dense_backward_error(q, k, v, grad_out) + 2e-3
     _check(got, expected, bound)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the Triton kernels at real sizes)")
+def test_op_autograd_reads_the_saved_lse_on_gpu():
+    """psa.attention's autograd at the Wan 480p length: the gradients equal, bit for bit, those of the backward
+    called directly (which reruns the forward for its lse): the op saved the right output and lse."""
+    (q, k, v, grad_out), mask = _inputs(1, 2, 32760, 128, 128, 128, torch.bfloat16, seed=1, device="cuda",
+                                        p_skip=0.7)  # fmt: skip
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, lse = torch.ops.psa.attention(*leaves, mask.kv_counts, mask.kv_indices, 128, 128, 128**-0.5, "triton")
+    assert not lse.requires_grad and lse.shape == (1, 2, 32760) and torch.isfinite(lse).all()
+    got = torch.autograd.grad(out, leaves, grad_out)
+    direct = psa_attention_backward_triton(grad_out, q, k, v, mask, 128**-0.5)
+    for a, e in zip(got, direct):
+        assert torch.isfinite(a).all() and torch.equal(a, e)  # the same kernels on the same out and lse
 
 
 @pytest.mark.gpu

@@ -20,6 +20,10 @@ fold ``log2(s)`` into the row maximum (no per-element cost); only the last
 tile(s) of a level -- where the partial tail block and the packing padding can
 sit, because indices ascend within a level -- use per-column masks and biases.
 
+Log-sum-exp. With ``STORE_LSE`` the program also stores each row's natural log-sum-exp
+``ln(2) * (m + log2(l))`` of its (scaled, biased) logits, float32 ``[B, H, Lq]``: the statistic the
+backward (:mod:`.backward_kernel`) reads instead of recomputing the softmax.
+
 Loads. Level-1 contiguous tiles can come through host tensor descriptors of K and V
 (TMA on Hopper; the ``DESC`` entry of the configuration table, where
 :func:`descriptors_apply`); every other tile through pointers.
@@ -248,7 +252,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _psa_fwd_kernel(
-        Q, K, V, KP, VP, O, COUNTS, INDICES, KDESC, VDESC,
+        Q, K, V, KP, VP, O, LSE, COUNTS, INDICES, KDESC, VDESC,
         sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
         sp_bh, sp_n,
         sob, soh, som,
@@ -257,12 +261,14 @@ if HAS_TRITON:
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr, UPCAST: tl.constexpr,
         DESC: tl.constexpr, WARP_SPEC: tl.constexpr, CAUSAL: tl.constexpr, NK_BITS: tl.constexpr,
+        STORE_LSE: tl.constexpr,
     ):  # fmt: skip
         """Program (row tile, b*H + h - BH0): BLOCK_M query rows against their pyramid of KV blocks (with CAUSAL,
         row tiles in reverse order: the longest first).
 
         KP/VP: pooled buffers ``[chunk of B*H, L2+L4+L8, D]`` (row ``b*H + h - BH0``), levels at OFF2/4/8.
         KDESC/VDESC: tensor descriptors of K and V with block ``[1, 1, BLOCK_N, D]`` when DESC, else unused.
+        LSE: with STORE_LSE, the rows' natural log-sum-exp, a contiguous float32 ``[B*H, LQ]``; else unused.
         """
         pid_m = tl.program_id(0)
         if CAUSAL:  # the longest rows (the last queries) first: no long row is left for the last wave
@@ -330,6 +336,9 @@ if HAS_TRITON:
             out.to(O.dtype.element_ty),
             mask=(offs_m < LQ)[:, None] & dmask[None, :],
         )
+        if STORE_LSE:  # m and log2(l) are in the exp2 domain: ln(2) takes them to the natural log
+            lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
+            tl.store(LSE + pid_bh.to(tl.int64) * LQ + offs_m, lse, mask=offs_m < LQ)
 
 
 def descriptors_apply(k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -362,11 +371,14 @@ def launch_attention(
     bh0: int = 0,
     nbh: int | None = None,
     causal: bool = False,
+    lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Launcher: grid, strides, head-dim padding (masked loads to the next power of two), tile config.
 
     ``causal``: no query sees a later key (``Lq == Lkv``): the KV blocks of a row tile that reach past its
     first query are masked, those starting after its last query skipped.
+    ``lse``: a contiguous float32 ``[B, H, Lq]`` buffer that receives each row's natural log-sum-exp
+    (of the computed slices), or None.
 
     ``kp``/``vp``: pooled buffers ``[nbh, L2+L4+L8, D]`` of the flattened (b, h) slices
     ``bh0 .. bh0+nbh`` (from :func:`..pooling.kernel.pool_kv_triton`); only those slices are computed.
@@ -376,6 +388,8 @@ def launch_attention(
     for name, t in (("q", q), ("k", k), ("v", v), ("out", out)):
         if t.stride(-1) != 1:
             raise ValueError(f"{name} must have a contiguous last dimension, got strides {tuple(t.stride())}")
+    if lse is not None and (lse.shape != (b, h, lq) or lse.dtype != torch.float32 or not lse.is_contiguous()):
+        raise ValueError(f"lse must be a contiguous float32 {(b, h, lq)} tensor, got {tuple(lse.shape)} {lse.dtype}")
     nbh = b * h - bh0 if nbh is None else nbh
     counts = mask.kv_counts
     indices = mask.kv_indices
@@ -399,7 +413,7 @@ def launch_attention(
         kdesc = TensorDescriptor(k, list(k.shape), list(k.stride()), block)
         vdesc = TensorDescriptor(v, list(v.shape), list(v.stride()), block)
     _psa_fwd_kernel[grid](
-        q, k, v, kp, vp, out, counts, indices, kdesc, vdesc,
+        q, k, v, kp, vp, out, out if lse is None else lse, counts, indices, kdesc, vdesc,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         kp.stride(0), kp.stride(1),
@@ -410,7 +424,7 @@ def launch_attention(
         HEAD_DIM=d, BLOCK_D=next_power_of_2(d), BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"],
         BLOCK_Q=mask.block_q, BLOCK_KV=mask.block_kv, UPCAST=dot_upcast(q.dtype),
         DESC=use_desc, WARP_SPEC=bool(cfg.get("WARP_SPEC", False)), CAUSAL=causal,
-        NK_BITS=max(1, (cdiv(lkv, mask.block_kv) + 1).bit_length()) if causal else 1,
+        NK_BITS=max(1, (cdiv(lkv, mask.block_kv) + 1).bit_length()) if causal else 1, STORE_LSE=lse is not None,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
     return out
@@ -428,7 +442,8 @@ def psa_attention_triton(
     pooled: tuple[torch.Tensor, torch.Tensor] | None = None,
     config: dict[str, int] | None = None,
     causal: bool = False,
-) -> torch.Tensor:
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Pyramid sparse attention forward: same result as :func:`.reference.psa_attention_reference`.
 
     q: ``[B, H, Lq, D]``; k, v: ``[B, H, Lkv, D]`` (any strides with a contiguous
@@ -449,6 +464,8 @@ def psa_attention_triton(
     (``BLOCK_M``, ``BLOCK_N``, ``num_warps``, ``num_stages``, ``DESC``, ``WARP_SPEC``).
     causal: no query sees a later key; needs ``Lq == Lkv`` and the diagonal blocks at level 1
     (``ops.levels.causal``); docs/design.md, section 8.
+    return_lse: return ``(out, lse)``, ``lse`` ``[B, H, Lq]`` float32 the rows' natural log-sum-exp
+    (as the reference's ``return_lse``; what the backward reads).
     Raises ValueError where :func:`triton_unsupported_reason` gives a reason.
     """
     check_supported(q, k, v, names=("q", "k", "v"))
@@ -472,18 +489,20 @@ def psa_attention_triton(
             f"got {tuple(out.shape)} {out.dtype} on {out.device}"
         )
     total = b * h
+    lse = triton_support.new_output((b, h, lq), dtype=torch.float32, device=q.device) if return_lse else None
     if pooled is not None:
         kp, vp = pooled
         want = (total, level_offsets(lkv)["total"], d)
         if tuple(kp.shape) != want or tuple(vp.shape) != want or kp.device != q.device:
             raise ValueError(f"pooled buffers must be two {want} tensors on {q.device} (pool_kv_triton(k, v))")
-        return launch_attention(q, k, v, kp, vp, mask, scale, out, config, causal=causal)
+        launch_attention(q, k, v, kp, vp, mask, scale, out, config, causal=causal, lse=lse)
+        return (out, lse) if return_lse else out
     chunk = total if pool_chunk is None else int(pool_chunk)
     if chunk < 1:
         raise ValueError(f"pool_chunk={pool_chunk!r} must be a positive integer")
     for bh0 in range(0, total, chunk):
         n = min(chunk, total - bh0)
         kp, vp = pool_kv_triton(k, v, bh0, n)
-        launch_attention(q, k, v, kp, vp, mask, scale, out, config, bh0, n, causal=causal)
+        launch_attention(q, k, v, kp, vp, mask, scale, out, config, bh0, n, causal=causal, lse=lse)
         del kp, vp
-    return out
+    return (out, lse) if return_lse else out

@@ -47,13 +47,17 @@ def psa_attention_reference(
     mask: PyramidBlockMask,
     scale: float | None = None,
     causal: bool = False,
-) -> torch.Tensor:
+    *,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Pyramid sparse attention, the obvious way: pool explicitly, mask, softmax.
 
     q: ``[B, H, Lq, D]``, k and v: ``[B, H, Lkv, D]``; ``mask`` of shape
     ``[B, H, ceil(Lq/block_q), ceil(Lkv/block_kv)]``. ``causal``: no query sees a pooled token
     holding a later key (module docstring). Computes in float32
-    (float64 for float64 inputs) and returns ``[B, H, Lq, D]`` in q's dtype.
+    (float64 for float64 inputs) and returns ``[B, H, Lq, D]`` in q's dtype; with ``return_lse``
+    ``(out, lse)``, ``lse`` ``[B, H, Lq]`` float32: each row's natural log-sum-exp of its logits
+    (scaled, with the ``ln(c)`` biases) -- what the Triton forward saves for its backward.
     """
     b, h, lq, d = q.shape
     lkv = k.shape[2]
@@ -76,6 +80,7 @@ def psa_attention_reference(
 
     rows_per_chunk = max(bq, (_CHUNK_ELEMENTS // max(1, b * h * pooled_len)) // bq * bq)
     out = torch.empty(b, h, lq, d, dtype=cdt, device=q.device)
+    lse = torch.empty(b, h, lq, dtype=cdt, device=q.device) if return_lse else None
     for start in range(0, lq, rows_per_chunk):
         stop = min(lq, start + rows_per_chunk)
         qc = q[:, :, start:stop].to(cdt) * scale
@@ -90,8 +95,12 @@ def psa_attention_reference(
                 seen = seen & (last <= rows)
             logits.append(z.masked_fill(~seen, -math.inf))
             values.append(vp)
-        p = torch.softmax(torch.cat(logits, dim=-1), dim=-1)
-        out[:, :, start:stop] = p @ torch.cat(values, dim=2)
+        row_logits = torch.cat(logits, dim=-1)
+        if lse is not None:
+            lse[:, :, start:stop] = torch.logsumexp(row_logits, dim=-1)
+        out[:, :, start:stop] = torch.softmax(row_logits, dim=-1) @ torch.cat(values, dim=2)
+    if lse is not None:
+        return out.to(q.dtype), lse.float()
     return out.to(q.dtype)
 
 
