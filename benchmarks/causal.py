@@ -6,9 +6,12 @@ For each length: structured video-like q, k, v (``structured_qkv``, bf16, 28 hea
 shape of Qwen2.5-VL-7B's language model after GQA expansion), the causal level map of
 ``build_causal_block_mask`` with the quota share chosen by bisection so that the map's density is the
 target share of the causal work (``ops.levels.causal_density``), then the times (``do_bench`` medians,
-ms) of: causal SDPA on the cuDNN and flash backends, the mask build, the sparse kernel alone, and the
-whole ``psa_attention(causal=True)`` call; the speed-ups against the faster dense backend, and the
-relative L2 error of PSA's output against dense causal attention. One JSON line per length at the end.
+ms) of: causal SDPA on the cuDNN and flash backends, the mask build and its two launches (the
+importance estimate of the past blocks, ``mask_importance``; the one-launch causal levels kernel,
+``mask_levels``), for comparison the full estimate (``mask_importance_full``) and the PyTorch level
+rule (``mask_levels_torch``), the sparse kernel alone, and the whole ``psa_attention(causal=True)``
+call; the speed-ups against the faster dense backend, and the relative L2 error of PSA's output
+against dense causal attention. One JSON line per length at the end.
 """
 
 from __future__ import annotations
@@ -29,7 +32,14 @@ from psa_diffusers.attention import psa_attention  # noqa: E402
 from psa_diffusers.config import PSAConfig  # noqa: E402
 from psa_diffusers.mask_builder import build_causal_block_mask  # noqa: E402
 from psa_diffusers.ops.attention import sparse_attention  # noqa: E402
-from psa_diffusers.ops.levels import RECENT_TOKENS, SINK_TOKENS, causal_density  # noqa: E402
+from psa_diffusers.ops.importance import estimate_block_importance  # noqa: E402
+from psa_diffusers.ops.levels import (  # noqa: E402
+    RECENT_TOKENS,
+    SINK_TOKENS,
+    causal_density,
+    causal_levels,
+    causal_levels_reference,
+)
 
 
 def qkv_of_length(length: int, heads: int, dim: int):
@@ -75,6 +85,13 @@ def run(length: int, target: float, heads: int, dim: int, sink: int, recent: int
         dense = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     config = config_at(share)
     times["mask_build"] = bench(lambda: build_causal_block_mask(q, k, config, sink_tokens=sink, recent_tokens=recent))
+    estimate = dict(block_q=128, block_kv=128, stride=config.importance_stride, backend="triton")
+    times["mask_importance"] = bench(lambda: estimate_block_importance(q, k, past_only=True, **estimate))
+    times["mask_importance_full"] = bench(lambda: estimate_block_importance(q, k, **estimate))
+    imp = estimate_block_importance(q, k, past_only=True, **estimate)
+    rule = dict(length=length, sink_tokens=sink, recent_tokens=recent)
+    times["mask_levels"] = bench(lambda: causal_levels(imp, config, backend="triton", **rule))
+    times["mask_levels_torch"] = bench(lambda: causal_levels_reference(imp, config, **rule))
     times["psa_kernel"] = bench(lambda: sparse_attention(q, k, v, mask, backend="triton", causal=True))
     times["psa_call"] = bench(lambda: psa_attention(q, k, v, config, causal=True, sink_tokens=sink,
                                                     recent_tokens=recent, backend="triton"))  # fmt: skip
@@ -106,7 +123,9 @@ def main() -> None:
         t = row["times_ms"]
         print(f"L={length}: density {row['causal_density']:.3f} of causal work | cuDNN {t['dense_cudnn']:.2f} ms, "
               f"flash {t['dense_flash']:.2f} ms | PSA kernel {t['psa_kernel']:.2f} ms "
-              f"(x{row['speedup_kernel']}), mask {t['mask_build']:.2f} ms, call {t['psa_call']:.2f} ms "
+              f"(x{row['speedup_kernel']}), mask {t['mask_build']:.2f} ms (importance "
+              f"{t['mask_importance']:.3f}, full {t['mask_importance_full']:.3f}; levels {t['mask_levels']:.3f}, "
+              f"torch rule {t['mask_levels_torch']:.3f}), call {t['psa_call']:.2f} ms "
               f"(x{row['speedup_call']}) | rel. L2 error {row['rel_l2_error']:.4f}", flush=True)  # fmt: skip
         rows.append(row)
         torch.cuda.empty_cache()

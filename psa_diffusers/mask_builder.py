@@ -11,7 +11,8 @@ Modes "quota" and "mass" (the published rules):
     importance (ops.importance) -> levels (ops.levels: quota or mass rule)
         -> similarity cap (ops.caps) -> forced text levels -> the compact mask
 
-``build_causal_block_mask`` is the causal recipe (importance -> ``ops.levels.causal`` -> caps).
+``build_causal_block_mask`` is the causal recipe (importance of the past blocks -> the causal rule of
+``ops.levels.causal`` with caps; one Triton launch each on CUDA).
 
 Mode "budget" hands over to :func:`psa_diffusers.budget.build_budget_mask` (statistics ->
 allocation at a target density). Every step runs on the inputs' device with sort/cumsum over
@@ -115,23 +116,24 @@ def build_causal_block_mask(
     importance (``ops.importance``, or ``importance`` ``[B, H, Nq, Nk]``) -> the causal rule
     (``ops.levels.causal``: diagonal blocks level 1, later blocks skipped, the first ``sink_tokens``
     and the ``recent_tokens`` before each query block level 1, query rows of the last ``text_len``
-    tokens dense over the past) -> similarity cap on the competing blocks -> the compact mask.
+    tokens dense over the past) -> similarity cap on the competing blocks -> the compact mask. With the
+    Triton backend: the estimate (``past_only``), the caps and the levels are one launch each, no host sync.
     """
     check_causal_rule(config, sink_tokens, recent_tokens)
     if q.shape[2] != k.shape[2]:
         raise ValueError(f"causal masks need Lq == Lkv, got Lq={q.shape[2]}, Lkv={k.shape[2]}")
     backend = resolve_backend(backend, q, k, names=("q", "k"))
-    if importance is None:
+    if importance is None:  # the rule reads only the competing blocks, all wholly in the past
         importance = estimate_block_importance(
             q, k, block_q=config.block_q, block_kv=config.block_kv, stride=config.importance_stride, scale=scale,
-            backend=backend,
+            past_only=True, backend=backend,
         )  # fmt: skip
     caps = None
     if config.sim_thresholds is not None:
         caps = similarity_caps(k, block_kv=config.block_kv, thresholds=config.sim_thresholds, backend=backend)
     return causal_levels(
         importance, config, length=q.shape[2], sink_tokens=sink_tokens, recent_tokens=recent_tokens,
-        text_len=text_len, caps=caps,
+        text_len=text_len, caps=caps, backend=backend,
     )  # fmt: skip
 
 

@@ -186,6 +186,23 @@ def test_attention_or_dense_reads_only_its_control(mode, action):
     assert out.shape == q.shape and densities.shape == (2,) and torch.isfinite(out).all()
 
 
+@needs_interpreter
+@pytest.mark.parametrize("mode", ["quota", "mass-caps"])
+def test_causal_mask_build_reads_nothing_on_the_host(mode):
+    """The causal mask build (``psa.build_causal_mask``'s body) on its GPU path -- importance, caps and levels
+    kernels, interpreted: no sync, no host read, no host data copied to the device."""
+    from psa_diffusers.mask_builder import build_causal_block_mask
+
+    g = torch.Generator().manual_seed(1)
+    q, k = (torch.randn(1, 2, 300, 16, generator=g) for _ in range(2))
+    unused = torch.zeros(1)
+    with _NoSync(unused) as dispatch, _NoHostCopy(unused):
+        mask = build_causal_block_mask(q, k, CONFIGS[mode], sink_tokens=64, recent_tokens=64, text_len=20,
+                                       backend="triton")  # fmt: skip
+    assert dispatch.seen == []
+    assert mask.shape == (1, 2, 5, 10) and (mask.kv_counts >= 0).all()
+
+
 def test_the_sync_checks_can_fail():
     control = torch.zeros(1, dtype=torch.int32)
     x = torch.ones(3)

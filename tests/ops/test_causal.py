@@ -5,7 +5,10 @@ force of the causal rule (a row sees a pooled token only if its last key is not 
 and at full budget against ``scaled_dot_product_attention(is_causal=True)``, gradients included.
 The level rule is checked for its structure (diagonal level 1, nothing above it, sink and recent
 blocks level 1). The kernel test runs under Triton's interpreter (fp32: tolerance 1e-5, as in
-tests/ops/test_attention.py: only the summation order differs).
+tests/ops/test_attention.py: only the summation order differs). The one-launch causal levels kernel
+(``build_causal_mask_triton``, interpreted, outputs poisoned) must give exactly the PyTorch rule's mask
+(``causal_levels_reference``) in quota mode, ties and ties-to-even rounding of the per-row quotas
+included, and in mass mode on importance whose cumulative masses stay away from the thresholds.
 """
 
 from __future__ import annotations
@@ -15,14 +18,22 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from psa_diffusers.attention import psa_attention
 from psa_diffusers.config import PSAConfig
 from psa_diffusers.mask import PyramidBlockMask, ceil_div
 from psa_diffusers.mask_builder import build_causal_block_mask
 from psa_diffusers.ops.attention import psa_attention_backward_reference, psa_attention_reference
-from psa_diffusers.ops.levels import causal_density, causal_levels, causal_relation
-from psa_diffusers.ops.levels.causal import DIAGONAL, FUTURE, PAST
+from psa_diffusers.ops.levels import (
+    build_causal_mask_triton,
+    causal_density,
+    causal_levels,
+    causal_levels_reference,
+    causal_relation,
+)
+from psa_diffusers.ops.levels.causal import DIAGONAL, FUTURE, PAST, causal_forced_full
+from psa_diffusers.ops.triton_support import HAS_TRITON, INTERPRETED
 from tests.helpers import needs_interpreter, random_level_map, rel_err
 
 FULL = dict(mode="quota", budgets=(1.0, 0.0, 0.0, 0.0))
@@ -260,3 +271,168 @@ def test_a_given_mask_with_a_pooled_or_skipped_diagonal_block_is_refused(bq, bkv
         mask = PyramidBlockMask.from_level_map(bad, block_q=bq, block_kv=bkv)
         with pytest.raises(ValueError, match=f"\\(0, 1, {i}, {j}\\)"):
             psa_attention(q, k, v, PSAConfig(block_q=bq, block_kv=bkv), mask=mask, causal=True, backend="reference")
+
+
+# ----------------------------------------------------------------------------------------- levels kernel
+def _importance(b, h, length, bq, bkv, seed, integer):
+    """Random importance ``[B, H, Nq, Nk]`` >= 0; ``integer``: values in {0, 1, 2, 3} (many exact ties)."""
+    g = torch.Generator().manual_seed(seed)
+    imp = torch.rand(b, h, ceil_div(length, bq), ceil_div(length, bkv), generator=g)
+    return (imp * 4).floor() if integer else imp
+
+
+def _caps(b, h, length, bkv, seed):
+    g = torch.Generator().manual_seed(seed + 1)
+    return torch.tensor([1, 2, 4, 8])[torch.randint(0, 4, (b, h, ceil_div(length, bkv)), generator=g)]
+
+
+def _competing_counts(length, bq, bkv, sink, recent, text_len):
+    """``[Nq]``: each row's number of competing blocks (past and not forced), from the torch rule's matrices."""
+    rel = causal_relation(length, bq, bkv)
+    forced = causal_forced_full(length, bq, bkv, sink_tokens=sink, recent_tokens=recent, text_len=text_len)
+    return ((rel == PAST) & ~forced).sum(-1)
+
+
+def _assert_same_mask(got, ref):
+    assert torch.equal(got.kv_counts, ref.kv_counts.to(torch.int32))
+    assert torch.equal(got.kv_indices, ref.kv_indices.to(torch.int32))
+
+
+# (length, bq, bkv, sink, recent, text_len, budgets, min_full_share, integer importance, caps)
+QUOTA_CASES = {
+    "L1000-128x128-sink128-recent256": (1000, 128, 128, 128, 256, 0, (0.1, 0.1, 0.1, 0.2), 0.0, False, False),
+    "L555-64x32-no-sink-recent-text-ties-caps": (555, 64, 32, 0, 0, 0, (0.15, 0.1, 0.05, 0.3), 0.05, True, True),
+    # shares k/8: many rows where share * n ends in .5 exactly (ties to even, as torch.round)
+    "L700-64x64-eighths-text70-caps": (700, 64, 64, 40, 100, 70, (0.125, 0.25, 0.375, 0.25), 0.0625, True, True),
+    # 0.1 * 5, 0.3 * 5, 0.7 * 5: products that round to .5 in float64
+    "L901-128x32-tenths-text1": (901, 128, 32, 128, 200, 1, (0.1, 0.3, 0.0, 0.5), 0.1, False, False),
+}
+
+
+@needs_interpreter
+@pytest.mark.parametrize("case", sorted(QUOTA_CASES))
+def test_causal_levels_kernel_equals_torch_rule_quota(case):
+    """Quota mode: the one-launch kernel gives exactly the mask of the PyTorch rule (batch 2 x 3 heads)."""
+    length, bq, bkv, sink, recent, text_len, budgets, mfs, integer, with_caps = QUOTA_CASES[case]
+    seed = length
+    imp = _importance(2, 3, length, bq, bkv, seed, integer)
+    caps = _caps(2, 3, length, bkv, seed) if with_caps else None
+    config = PSAConfig(block_q=bq, block_kv=bkv, mode="quota", budgets=budgets, min_full_share=mfs)
+    kwargs = dict(length=length, sink_tokens=sink, recent_tokens=recent, text_len=text_len, caps=caps)
+    ref = causal_levels_reference(imp, config, **kwargs)
+    got = build_causal_mask_triton(imp, config, **kwargs)
+    _assert_same_mask(got, ref)
+    # the case exercises what it claims: rows of different sizes, some pooled and some skipped blocks
+    n = _competing_counts(length, bq, bkv, sink, recent, text_len)
+    assert len(set(n.tolist())) >= 3
+    lm = ref.to_level_map()
+    assert (lm == 0).any() and (lm > 1).any()
+    if "eighths" in case or "tenths" in case:  # some share * n is a tie that rounds down to an even number
+        shares = torch.tensor(budgets, dtype=torch.float64)
+        x = shares.unsqueeze(0) * n.double().unsqueeze(1)
+        assert ((x - x.floor() == 0.5) & (x.floor() % 2 == 0)).any()
+
+
+def _mass_margin(imp, length, bq, bkv, sink, recent, text_len, thresholds):
+    """The least distance (float64) between a competing block's predecessors' mass and a threshold."""
+    n = ceil_div(length, bq)
+    rel = causal_relation(length, bq, bkv)
+    forced = causal_forced_full(length, bq, bkv, sink_tokens=sink, recent_tokens=recent, text_len=text_len)
+    competing = (rel == PAST) & ~forced
+    margin = float("inf")
+    for i in range(n):
+        if not competing[i].any():
+            continue
+        vals = imp[..., i, competing[i]].double().sort(-1, descending=True).values
+        mass = vals / vals.sum(-1, keepdim=True)
+        before = mass.cumsum(-1) - mass
+        margin = min(margin, min((before - t).abs().min().item() for t in thresholds))
+    return margin
+
+
+@needs_interpreter
+@pytest.mark.parametrize(
+    "length,bq,bkv,sink,recent,text_len,mfs,with_caps",
+    [(700, 64, 32, 64, 64, 0, 0.0, True), (1100, 128, 128, 0, 128, 130, 0.1, False)],
+    ids=["L700-64x32-caps", "L1100-128x128-text130-min-full"],
+)  # fmt: skip
+def test_causal_levels_kernel_equals_torch_rule_mass(length, bq, bkv, sink, recent, text_len, mfs, with_caps):
+    """Mass mode: equal masks on importance whose cumulative masses stay away from the thresholds (the
+    kernel's float32 cumulative sum runs in another order than ``torch.cumsum``: within rounding of a
+    threshold a block may land one level apart, ``ops/levels/kernel.py``)."""
+    thresholds = (0.4, 0.55, 0.7, 0.85)
+    imp = _importance(2, 3, length, bq, bkv, length, integer=False)
+    assert _mass_margin(imp, length, bq, bkv, sink, recent, text_len, thresholds) > 1e-5  # float32 sums: ~1e-7
+    caps = _caps(2, 3, length, bkv, length) if with_caps else None
+    config = PSAConfig(block_q=bq, block_kv=bkv, mode="mass", budgets=thresholds, min_full_share=mfs)
+    kwargs = dict(length=length, sink_tokens=sink, recent_tokens=recent, text_len=text_len, caps=caps)
+    ref = causal_levels_reference(imp, config, **kwargs)
+    _assert_same_mask(build_causal_mask_triton(imp, config, **kwargs), ref)
+    lm = ref.to_level_map()
+    assert (lm == 0).any() and (lm > 1).any()
+
+
+@needs_interpreter
+def test_causal_mask_builder_dispatches_to_the_kernel(monkeypatch):
+    """``build_causal_block_mask(backend="triton")`` runs the kernel (the torch rule is not called) and gives the
+    reference backend's mask for the same importance."""
+    from psa_diffusers.ops.levels import causal as causal_module
+
+    length = 300
+    q, k, _ = _qkv(1, 2, length, 16, seed=12)
+    imp = _importance(1, 2, length, 64, 32, 12, integer=True)
+    config = PSAConfig(block_q=64, block_kv=32, mode="quota", budgets=(0.2, 0.2, 0.2, 0.2), min_full_share=0.0)
+    kwargs = dict(sink_tokens=32, recent_tokens=32, text_len=20, importance=imp)
+    ref = build_causal_block_mask(q, k, config, backend="reference", **kwargs)
+
+    def refuse(*args, **kw):
+        raise AssertionError("the torch rule ran on the Triton backend")
+
+    monkeypatch.setattr(causal_module, "causal_levels_reference", refuse)
+    monkeypatch.setattr("psa_diffusers.ops.levels.causal_levels_reference", refuse)
+    _assert_same_mask(build_causal_block_mask(q, k, config, backend="triton", **kwargs), ref)
+
+
+class _Ops(TorchDispatchMode):
+    """Records every torch op run under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@needs_interpreter
+def test_causal_levels_launch_runs_no_torch_op_besides_its_outputs(monkeypatch):
+    """Around its one launch, the Triton causal path makes only its two outputs: no relation or forced
+    matrices, no tensors made from host data, nothing per call that could be cached. (The launch is
+    replaced by a recorder: the interpreter's own copies are torch ops too.)"""
+    from psa_diffusers.ops.levels import kernel as kernel_module
+
+    launches = []
+    monkeypatch.setattr(kernel_module, "_levels_kernel", {(30,): lambda *a, **kw: launches.append(kw)})
+    imp = _importance(2, 3, 300, 64, 32, 13, integer=False)
+    for mode in ("quota", "mass"):
+        config = PSAConfig(block_q=64, block_kv=32, mode=mode, budgets=(0.1, 0.2, 0.3, 0.4))
+        with _Ops() as seen:
+            build_causal_mask_triton(imp, config, length=300, sink_tokens=32, recent_tokens=32, text_len=10)
+        assert len(seen.ops) == 2 and all(op in ("aten.full.default", "aten.empty.memory_format") for op in seen.ops)
+    assert [kw["CAUSAL"] for kw in launches] == [True, True]
+    with _Ops() as seen:  # the check can fail: the torch rule runs many ops
+        causal_levels_reference(imp, config, length=300, sink_tokens=32, recent_tokens=32, text_len=10)
+    assert len(seen.ops) > 20
+
+
+def test_bad_causal_levels_inputs():
+    config = PSAConfig(block_q=64, block_kv=32)
+    imp = torch.rand(1, 1, 4, 7)
+    with pytest.raises(ValueError, match="does not match"):
+        causal_levels(imp, config, length=300, sink_tokens=0, recent_tokens=0, backend="reference")
+    if HAS_TRITON and INTERPRETED:
+        with pytest.raises(ValueError, match="does not match"):
+            build_causal_mask_triton(imp, config, length=300, sink_tokens=0, recent_tokens=0)
+        with pytest.raises(ValueError, match="sink_tokens"):
+            build_causal_mask_triton(torch.rand(1, 1, 5, 10), config, length=300, sink_tokens=-1, recent_tokens=0)

@@ -3,7 +3,9 @@
 Skipped where no CUDA device exists. Run with ``pytest -m gpu tests/ops/test_causal_gpu.py``.
 Tolerance as in tests/ops/test_kernels_gpu.py: within ``2 * e_sdpa + 1e-3`` of the reference, where
 ``e_sdpa`` is the error of bf16 causal SDPA against float32 causal SDPA on the same inputs (the 1e-3
-covers the pooled K/V stored in bf16).
+covers the pooled K/V stored in bf16). The one-launch causal levels kernel at 32768 tokens against the
+PyTorch rule on the CPU (quota exact; mass at most 1 row in 1000, the float32 cumulative-sum caveat of
+``ops/levels/kernel.py``), and the whole causal mask build under ``torch.cuda.set_sync_debug_mode("error")``.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from psa_diffusers.attention import psa_attention
 from psa_diffusers.config import PSAConfig
 from psa_diffusers.mask_builder import build_causal_block_mask
 from psa_diffusers.ops.attention import psa_attention_reference, psa_attention_triton
-from psa_diffusers.ops.levels import causal_density
+from psa_diffusers.ops.caps import similarity_caps_triton
+from psa_diffusers.ops.importance import estimate_block_importance_triton
+from psa_diffusers.ops.levels import build_causal_mask_triton, causal_density, causal_levels_reference
 from tests.helpers import rel_err
 
 pytestmark = [
@@ -50,3 +54,42 @@ def test_causal_full_budget_equals_causal_sdpa():
     ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
     e_sdpa = rel_err(F.scaled_dot_product_attention(q, k, v, is_causal=True), ref)
     assert rel_err(out, ref) <= 2 * e_sdpa + 1e-3
+
+
+def _long_qk(length=32768, heads=4):
+    q, k, _ = structured_qkv(length // 1024, 32, 32, heads=heads, dim=128, seed=2, dtype=torch.bfloat16)
+    return q.cuda(), k.cuda()
+
+
+@pytest.mark.parametrize("mode", ["quota", "mass"])
+def test_causal_levels_kernel_matches_torch_rule_32k(mode):
+    q, k = _long_qk()
+    q, k = q[:, :, 7:], k[:, :, 7:]  # 32761 tokens: partial tail blocks
+    length = q.shape[2]
+    budgets = (0.1, 0.05, 0.05, 0.2) if mode == "quota" else (0.5, 0.6, 0.7, 0.8)
+    config = PSAConfig(block_q=128, block_kv=128, mode=mode, budgets=budgets, sim_thresholds=(0.7, 0.65, 0.6))
+    imp = estimate_block_importance_triton(q, k, block_q=128, block_kv=128, stride=8)
+    caps = similarity_caps_triton(k, block_kv=128, thresholds=config.sim_thresholds)
+    kwargs = dict(length=length, sink_tokens=128, recent_tokens=1024, text_len=300)
+    got = build_causal_mask_triton(imp, config, caps=caps, **kwargs).to_level_map().cpu()
+    ref = causal_levels_reference(imp.cpu(), config, caps=caps.cpu(), **kwargs).to_level_map()
+    assert (ref == 0).any() and (ref > 1).any()
+    bad = (got != ref).any(-1)
+    # quota: exact. mass: a cumulative sum in another order may move a block whose predecessors' mass sits
+    # within float32 rounding of a threshold by one level
+    assert int(bad.sum()) == 0 if mode == "quota" else int(bad.sum()) <= bad.numel() // 1000
+
+
+def test_causal_mask_build_makes_no_host_synchronisation():
+    q, k = _long_qk()
+    config = PSAConfig(block_q=128, block_kv=128, mode="quota", budgets=(0.1, 0.05, 0.05, 0.2),
+                       sim_thresholds=(0.7, 0.65, 0.6))  # fmt: skip
+    kwargs = dict(sink_tokens=128, recent_tokens=1024, text_len=64, backend="triton")
+    first = build_causal_block_mask(q, k, config, **kwargs)  # compiles the kernels
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        mask = build_causal_block_mask(q, k, config, **kwargs)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(mask.kv_counts, first.kv_counts) and torch.equal(mask.kv_indices, first.kv_indices)

@@ -199,3 +199,24 @@ def test_block_statistics_kernel_matches_reference(d, dtype, bq, bkv, stride, lq
     torch.testing.assert_close(got.mass.sum(-1), torch.ones(got.mass.shape[:-1]), rtol=0, atol=1e-5)
     if n_sinks:
         assert ref.spike.any()  # the sink is seen
+
+
+@needs_interpreter
+@pytest.mark.parametrize("one_pass", [False, True], ids=["two-passes", "one-pass"])
+@pytest.mark.parametrize("bq,bkv,length", [(64, 32, 600), (128, 64, 777)], ids=["64x32-L600", "128x64-L777"])
+def test_importance_past_only(bq, bkv, length, one_pass):
+    """``past_only`` (what the causal rule reads): the entries of KV blocks wholly before their query block are
+    bit-identical to the full estimate's, all others 0, though the kernel skips each program's later key tiles
+    (interpreter tiles: 4 query blocks of 64 per program, 8 KV blocks of 32 per tile, so several programs stop
+    early); the reference does the same."""
+    q, k, _, _ = random_qkv(2, 2, length, length, 16, torch.float32, seed=length)
+    q = q * 2
+    kw = dict(block_q=bq, block_kv=bkv, stride=8, config={"ONE_PASS": one_pass})
+    full = estimate_block_importance_triton(q, k, **kw)
+    got = estimate_block_importance_triton(q, k, past_only=True, **kw)
+    nq, nk = got.shape[-2:]
+    past = (torch.arange(nk) + 1).view(1, -1) * bkv <= torch.arange(nq).view(-1, 1) * bq
+    assert torch.equal(got[..., past], full[..., past])
+    assert (got[..., ~past] == 0).all() and (full[..., ~past] > 0).all()
+    ref = estimate_block_importance_reference(q, k, block_q=bq, block_kv=bkv, stride=8, past_only=True)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-6)  # as test_importance_matches_reference

@@ -39,10 +39,14 @@ def estimate_block_importance(
     block_kv: int,
     stride: int = 8,
     scale: float | None = None,
+    past_only: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Sampled block attention mass ``[B, H, Nq, Nk]`` float32, rows summing to 1, for q ``[B, H, Lq, D]``, k."""
-    kwargs = dict(block_q=block_q, block_kv=block_kv, stride=stride, scale=scale)
+    """Sampled block attention mass ``[B, H, Nq, Nk]`` float32, rows summing to 1, for q ``[B, H, Lq, D]``, k.
+
+    ``past_only``: only the entries of KV blocks wholly before their query block (the rest 0), cheaper
+    (what the causal rule reads)."""
+    kwargs = dict(block_q=block_q, block_kv=block_kv, stride=stride, scale=scale, past_only=past_only)
     if resolve_backend(backend, q, k, names=("q", "k")) == "triton":
         return estimate_block_importance_triton(q, k, **kwargs)
     return estimate_block_importance_reference(q, k, **kwargs)

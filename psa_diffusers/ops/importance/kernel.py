@@ -14,7 +14,9 @@ makes two passes over the sampled keys: the first finds each row's max and sum
 (online, as flash attention does), the second recomputes the logits, normalises
 them and reduces each ``[SPQ, SPK]`` sub-tile to one number, so the program
 writes finished rows of ``S`` and nothing of size ``[L/stride, L/stride]`` is
-ever stored. With ``ONE_PASS`` (a key of the ``"importance"`` table entries, or
+ever stored. ``PAST_ONLY`` (causal rules read only the blocks wholly before their query block) stops the
+second pass after the program's last key tile with such a block and writes zeros for every other
+entry. With ``ONE_PASS`` (a key of the ``"importance"`` table entries, or
 ``config={"ONE_PASS": True}``) it makes one pass instead, as the statistics kernel
 below does (and with its helpers): per key tile, the unnormalised block sums against
 the running max, and that max, go to float32 scratch ``[B*H, Nq*SPQ, Nk]`` (and
@@ -107,6 +109,26 @@ if HAS_TRITON:
         tl.store(out_base + ok[None, :], p, mask=(oq < NQ)[:, None] & (ok < NK)[None, :])
 
     @triton.jit
+    def _past_only_rows(p, qblk, t, BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr, KB: tl.constexpr,
+                        PAST_ONLY: tl.constexpr):  # fmt: skip
+        """``p`` ``[BLOCK_M, KB]`` (sampled rows of query blocks ``qblk`` against tile ``t``'s KV blocks) with the
+        KV blocks not wholly before the row's query block zeroed (``PAST_ONLY``; otherwise ``p`` itself)."""
+        if PAST_ONLY:
+            kt = t * KB + tl.arange(0, KB)
+            p = tl.where((kt[None, :] + 1) * BLOCK_KV <= qblk[:, None] * BLOCK_Q, p, 0.0)
+        return p
+
+    @triton.jit
+    def _past_tiles(pid, n_tiles, NQ, BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr, QB: tl.constexpr,
+                    KB: tl.constexpr, PAST_ONLY: tl.constexpr):  # fmt: skip
+        """The key tiles holding a KV block wholly before one of program ``pid``'s query blocks (``PAST_ONLY``;
+        otherwise all ``n_tiles``): the tiles after them hold no entry a causal rule reads."""
+        if PAST_ONLY:
+            q_last = tl.minimum(pid * QB + QB, NQ) - 1
+            return tl.minimum(tl.cdiv((q_last * BLOCK_Q) // BLOCK_KV, KB), n_tiles)
+        return n_tiles
+
+    @triton.jit
     def _sampled_query_rows(pid, LQ, NQ, STRIDE: tl.constexpr, BLOCK_Q: tl.constexpr, SPQ: tl.constexpr,
                             BLOCK_M: tl.constexpr):  # fmt: skip
         """Program ``pid``'s ``BLOCK_M`` sample slots: slot index, query block, token position, and whether the
@@ -125,6 +147,7 @@ if HAS_TRITON:
         STRIDE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr,
         SPQ: tl.constexpr, SPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, ONE_PASS: tl.constexpr,
+        PAST_ONLY: tl.constexpr,
     ):  # fmt: skip
         QB: tl.constexpr = BLOCK_M // SPQ
         KB: tl.constexpr = BLOCK_N // SPK
@@ -154,6 +177,8 @@ if HAS_TRITON:
         # the running row max and sum over every sampled key
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        # PAST_ONLY: rows are written up to the last tile with a past block of this program, zeros after
+        t_end = _past_tiles(pid, n_tiles, NQ, BLOCK_Q, BLOCK_KV, QB, KB, PAST_ONLY)
         if ONE_PASS:
             # one pass: per tile, the unnormalised block sums against the running max, and that max, to scratch
             # (only this program's rows: no other program touches them)
@@ -168,10 +193,11 @@ if HAS_TRITON:
             # the closing loop reads entries other threads of this program wrote: make their stores visible
             tl.debug_barrier()
             w = tl.where(qvalid, 1.0 / (l_i * tl.maximum(per_row, 1.0)), 0.0)
-            for t in range(0, n_tiles):
+            for t in range(0, t_end):
                 offs, smask = _scratch_tile(row, t, NK, qvalid, KB)
                 f = _tile_scale(MT, row, t, n_tiles, m_i, w, qvalid)
                 p = tl.load(U + offs, mask=smask, other=0.0) * f[:, None]  # [BLOCK_M, KB]
+                p = _past_only_rows(p, qblk, t, BLOCK_Q, BLOCK_KV, KB, PAST_ONLY)
                 _store_block_rows(out_base, p, oq, t, NQ, NK, QB, SPQ, KB)
         else:
             # pass 1: row max and sum
@@ -182,11 +208,15 @@ if HAS_TRITON:
             w = tl.where(qvalid, 1.0 / (l_i * tl.maximum(per_row, 1.0)), 0.0)
 
             # pass 2: normalised probabilities, summed per (query block, KV block)
-            for t in range(0, n_tiles):
+            for t in range(0, t_end):
                 s = _sampled_logits(q, kbase, skn, t, LKV, NK, qk_scale, offs_d, dmask,
                                     STRIDE, BLOCK_KV, SPK, KB, BLOCK_N, UPCAST)  # fmt: skip
                 p = _kv_block_sums(tl.math.exp2(s - m_i[:, None]) * w[:, None], BLOCK_M, KB, SPK)
+                p = _past_only_rows(p, qblk, t, BLOCK_Q, BLOCK_KV, KB, PAST_ONLY)
                 _store_block_rows(out_base, p, oq, t, NQ, NK, QB, SPQ, KB)
+        if PAST_ONLY:
+            for t in range(t_end, n_tiles):
+                _store_block_rows(out_base, tl.zeros([BLOCK_M, KB], dtype=tl.float32), oq, t, NQ, NK, QB, SPQ, KB)
 
     @triton.jit
     def _stride_logits(
@@ -293,6 +323,7 @@ def estimate_block_importance_triton(
     block_kv: int,
     stride: int = 8,
     scale: float | None = None,
+    past_only: bool = False,
     config: dict[str, int] | None = None,
 ) -> torch.Tensor:
     """Sampled block attention mass ``S`` ``[B, H, Nq, Nk]`` float32, each row summing to 1.
@@ -303,7 +334,9 @@ def estimate_block_importance_triton(
     Costs about ``2 / stride**2`` of dense ``QK^T``; memory: the output only. With ``"ONE_PASS"`` (a key of
     the ``"importance"`` entry, or ``config={"ONE_PASS": True}``) it makes one pass over the keys instead
     (``1 / stride**2``; see the module docstring) and takes ``B * H * Nq * next_pow2(block_q / stride) * Nk``
-    float32 of scratch. ``config`` overrides tile sizes (benchmarks only).
+    float32 of scratch. ``past_only`` (causal self-attention): the entries of KV blocks wholly before their
+    query block are the same, every other entry is 0, and the second pass skips each program's key tiles
+    past its last query block (about half of it). ``config`` overrides tile sizes (benchmarks only).
     """
     check_supported(q, k, names=("q", "k"))
     for name, val in (("block_q", block_q), ("block_kv", block_kv), ("stride", stride)):
@@ -333,7 +366,8 @@ def estimate_block_importance_triton(
         h, lq, lkv, nq, nk, rows, scale * LOG2E,
         STRIDE=stride, BLOCK_Q=block_q, BLOCK_KV=block_kv, SPQ=spq, SPK=spk,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], HEAD_DIM=d, BLOCK_D=next_power_of_2(d),
-        UPCAST=dot_upcast(q.dtype), ONE_PASS=one_pass, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        UPCAST=dot_upcast(q.dtype), ONE_PASS=one_pass, PAST_ONLY=bool(past_only), num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
     )  # fmt: skip
     return out
 

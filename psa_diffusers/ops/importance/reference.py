@@ -39,10 +39,12 @@ def estimate_block_importance_reference(
     block_kv: int,
     stride: int = 8,
     scale: float | None = None,
+    past_only: bool = False,
 ) -> torch.Tensor:
     """Sampled block attention mass ``S`` ``[B, H, Nq, Nk]`` float32, each row summing to 1.
 
-    q: ``[B, H, Lq, D]``, k: ``[B, H, Lkv, D]``.
+    q: ``[B, H, Lq, D]``, k: ``[B, H, Lkv, D]``. ``past_only`` (for causal rules): entries of KV blocks not
+    wholly before their query block (``(j + 1) * block_kv > i * block_q``) set to 0.
     """
     b, h, lq, d = q.shape
     lkv = k.shape[2]
@@ -60,7 +62,12 @@ def estimate_block_importance_reference(
         per_block.index_add_(3, kblk, p)  # [B, H, rows, Nk]
         out.index_add_(2, qblk[start : start + rows], per_block)
     counts = torch.bincount(qblk, minlength=nq).clamp(min=1).to(torch.float32)
-    return out / counts.view(1, 1, nq, 1)
+    out = out / counts.view(1, 1, nq, 1)
+    if past_only:
+        first_row = torch.arange(nq, device=q.device).unsqueeze(1) * block_q
+        key_end = (torch.arange(nk, device=q.device).unsqueeze(0) + 1) * block_kv
+        out = out.masked_fill(key_end > first_row, 0.0)
+    return out
 
 
 def exact_block_mass(q: torch.Tensor, k: torch.Tensor, *, block_q: int, block_kv: int, scale=None) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """Level choice: importance -> levels (quota or mass rule) -> caps -> forced text -> the compact mask.
 
-The causal rule (``causal.py``) chooses levels that never look ahead, for decoder prefill.
+The causal rule (``causal.py``, kernel ``build_causal_mask_triton``) chooses levels that never look
+ahead, for decoder prefill.
 """
 
 from __future__ import annotations
@@ -14,12 +15,12 @@ from .causal import (
     RECENT_TOKENS,
     SINK_TOKENS,
     causal_density,
-    causal_levels,
+    causal_levels_reference,
     causal_relation,
     check_causal_mask,
     check_causal_rule,
 )
-from .kernel import build_mask_triton, compact_levels_triton
+from .kernel import build_causal_mask_triton, build_mask_triton, compact_levels_triton
 from .reference import (
     apply_caps,
     choose_levels_reference,
@@ -33,9 +34,11 @@ __all__ = [
     "RECENT_TOKENS",
     "SINK_TOKENS",
     "apply_caps",
+    "build_causal_mask_triton",
     "build_mask_triton",
     "causal_density",
     "causal_levels",
+    "causal_levels_reference",
     "causal_relation",
     "check_causal_mask",
     "check_causal_rule",
@@ -68,6 +71,29 @@ def choose_levels(
     if resolve_table_backend(backend, importance) == "triton":
         return build_mask_triton(importance, config, **kwargs)
     return choose_levels_reference(importance, config, **kwargs)
+
+
+def causal_levels(
+    importance: torch.Tensor,
+    config: PSAConfig,
+    *,
+    length: int,
+    sink_tokens: int,
+    recent_tokens: int,
+    text_len: int = 0,
+    caps: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> PyramidBlockMask:
+    """The causal compact mask for ``importance`` ``[B, H, Nq, Nk]`` of a sequence of ``length`` tokens.
+
+    The rule of ``causal.py`` (diagonal, sink, recent and text-row blocks level 1, future blocks
+    skipped, the rest of each row's past under the quota or mass rule); ``caps`` ``[B, H, Nk]``
+    cap the competing blocks' pooling factor. One Triton launch on CUDA (``backend="auto"``).
+    """
+    kwargs = dict(length=length, sink_tokens=sink_tokens, recent_tokens=recent_tokens, text_len=text_len, caps=caps)
+    if resolve_table_backend(backend, importance) == "triton":
+        return build_causal_mask_triton(importance, config, **kwargs)
+    return causal_levels_reference(importance, config, **kwargs)
 
 
 def compact_levels(

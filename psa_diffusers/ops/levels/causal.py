@@ -1,4 +1,4 @@
-"""The causal level rule: levels that never look ahead, for decoder prefill (plain PyTorch, on device).
+"""The causal level rule: levels that never look ahead, for decoder prefill (plain PyTorch reference).
 
 For self-attention over one sequence of ``L`` tokens, query block ``i`` (rows ``[i*bq, (i+1)*bq)``)
 and KV block ``j`` (keys ``[j*bkv, (j+1)*bkv)``) are
@@ -15,6 +15,9 @@ blocks of each row compete under the quota or mass rule of ``PSAConfig`` exactly
 ``reference.levels_from_importance``, with the row's own number of competing blocks; query rows of
 the last ``text_len`` tokens see every past block at level 1. A pooled group lies inside one past
 block, so it never holds a future token (docs/design.md, section 8).
+
+``causal_levels_reference`` is the reference (and the CPU path) of the one-launch Triton kernel
+``kernel.build_causal_mask_triton``; ``ops.levels.causal_levels`` dispatches between them.
 """
 
 from __future__ import annotations
@@ -76,7 +79,7 @@ def check_causal_rule(config: PSAConfig, sink_tokens: int, recent_tokens: int) -
             raise ValueError(f"{name}={value!r} must be an integer >= 0")
 
 
-def causal_levels(
+def causal_levels_reference(
     importance: torch.Tensor,
     config: PSAConfig,
     *,
@@ -135,7 +138,7 @@ def check_causal_mask(mask: PyramidBlockMask, length: int) -> None:
     """Raise ValueError unless every diagonal block of ``mask`` (for ``length`` tokens) is level 1.
 
     That guarantees each query row sees its own key. Reads the mask on the host (a synchronisation):
-    for masks a user made, not for those of :func:`causal_levels`.
+    for masks a user made, not for those of the causal rule.
     """
     mask.check_fits(length, length)
     relation = causal_relation(length, mask.block_q, mask.block_kv, mask.device)
