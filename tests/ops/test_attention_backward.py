@@ -388,7 +388,7 @@ def test_triton_gradients_at_real_sizes(b, h, length, d, bq, bkv, dtype):
 def test_op_autograd_reads_the_saved_lse_on_gpu():
     """psa.attention's autograd at the Wan 480p length: the gradients equal, bit for bit, those of the backward
     called directly (which reruns the forward for its lse): the op saved the right output and lse."""
-    (q, k, v, grad_out), mask = _inputs(1, 2, 32760, 128, 128, 128, torch.bfloat16, seed=1, device="cuda",
+    (q, k, v, grad_out), mask = _inputs(1, 2, 32760, 32760, 128, 128, 128, torch.bfloat16, seed=1, device="cuda",
                                         p_skip=0.7)  # fmt: skip
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     out, lse = torch.ops.psa.attention(*leaves, mask.kv_counts, mask.kv_indices, 128, 128, 128**-0.5, "triton")

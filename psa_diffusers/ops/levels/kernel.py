@@ -270,6 +270,9 @@ def _launch_levels(
         *quota, *(float(t) for t in thresholds), n_min, *causal_args,
         MASS=config.mode == "mass", HAS_CAPS=caps is not None, CAUSAL=causal is not None, NKP=nkp,
         num_warps=_row_warps(s.device, nkp, kernel_overrides),
+        # no fused multiply-add: the causal bounds round ``share * n`` as torch does, from the rounded product
+        # (a fused ``share * n - floor`` keeps the product's low bits and turns a tie such as 0.1 * 25 upwards)
+        enable_fp_fusion=False,
     )  # fmt: skip
     return PyramidBlockMask(counts, indices, block_q=config.block_q, block_kv=config.block_kv)
 
